@@ -1,0 +1,114 @@
+"""Throughput in the style of llama-bench: prefill (pp) and decode (tg) tokens per second.
+
+pp128: one forward pass over a 128-token prompt. tg128: 128 decode steps of one token each,
+against a growing KV cache. Each is run several times and the median is reported, because a
+shared machine is noisy. Decode reads every weight once per token, so its speed limit is
+memory bandwidth: we measure the bandwidth in the same run and report decode as a fraction of
+that bound.
+"""
+
+import statistics
+import time
+
+import numpy as np
+
+from tinyinfer.config import ModelConfig
+from tinyinfer.kv_cache import KVCache
+from tinyinfer.model.batch import ForwardBatch
+from tinyinfer.model.weights import LayerWeights, ModelWeights
+
+# shapes of llama2.c's TinyStories models, for benchmarking without downloading anything
+RANDOM_SHAPES = {
+    "stories15M": dict(hidden_size=288, num_layers=6, num_heads=6, intermediate_size=768),
+    "stories42M": dict(hidden_size=512, num_layers=8, num_heads=8, intermediate_size=1376),
+    "stories110M": dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=2048),
+}
+
+
+def random_model(shape: str, dtype=np.float32, seed: int = 0) -> tuple[ModelConfig, ModelWeights]:
+    """A Llama of a named shape with random weights (vocab 32000, context 1024): speed does not
+    depend on what the weights are, so this measures exactly what the trained model would."""
+    if shape not in RANDOM_SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; choose one of {', '.join(RANDOM_SHAPES)}")
+    s = RANDOM_SHAPES[shape]
+    config = ModelConfig(
+        architecture="random", vocab_size=32000, num_kv_heads=s["num_heads"], head_dim=s["hidden_size"] // s["num_heads"],
+        max_context=1024, rms_norm_eps=1e-5, **s,
+    )
+    rng = np.random.default_rng(seed)
+    hidden, inner = config.hidden_size, config.intermediate_size
+
+    def matrix(rows, cols):
+        return (rng.standard_normal((rows, cols), dtype=np.float32) * 0.02).astype(dtype)
+
+    layers = [
+        LayerWeights(
+            attention_norm=np.ones(hidden, dtype), wq=matrix(hidden, hidden), wk=matrix(hidden, hidden),
+            wv=matrix(hidden, hidden), wo=matrix(hidden, hidden), mlp_norm=np.ones(hidden, dtype),
+            w_gate=matrix(inner, hidden), w_up=matrix(inner, hidden), w_down=matrix(hidden, inner),
+        )
+        for _ in range(config.num_layers)
+    ]
+    weights = ModelWeights(matrix(config.vocab_size, hidden), layers, np.ones(hidden, dtype), matrix(config.vocab_size, hidden))
+    return config, weights
+
+
+def decode_bytes_per_token(llm) -> int:
+    """Bytes of weights one decode step reads: every matrix once, except that the embedding
+    table gives up only one row (the LM head, even when tied, is read whole)."""
+    weights = llm.model.weights
+    total = weights.nbytes
+    if weights.lm_head is not weights.embedding:
+        total -= weights.embedding.nbytes - weights.embedding[0].nbytes
+    return total
+
+
+def memory_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
+    """Bytes per second of a large array copy (each byte is read once and written once, so
+    2x the array per copy), best of several: the memory system's practical speed here."""
+    source = np.ones(megabytes * 2**20 // 8)
+    target = np.empty_like(source)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.copyto(target, source)
+        best = min(best, time.perf_counter() - start)
+    return 2 * source.nbytes / best
+
+
+def time_prefill(llm, prompt_tokens: int, rng) -> float:
+    ids = rng.integers(0, llm.config.vocab_size, prompt_tokens).tolist()
+    cache = KVCache(llm.config, prompt_tokens, llm.ops, llm.dtype)
+    start = time.perf_counter()
+    llm.model.forward(ForwardBatch.build([ids], [cache]))
+    return time.perf_counter() - start
+
+
+def time_decode(llm, new_tokens: int, rng) -> float:
+    """new_tokens steps of one token each, starting from an empty cache (as llama-bench's tg)."""
+    cache = KVCache(llm.config, new_tokens, llm.ops, llm.dtype)
+    token = int(rng.integers(0, llm.config.vocab_size))
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        logits = llm.model.forward(ForwardBatch.build([[token]], [cache]))
+        token = int(np.argmax(logits[0]))
+    return time.perf_counter() - start
+
+
+def run_bench(llm, prompt_tokens: int = 128, new_tokens: int = 128, repetitions: int = 5) -> dict:
+    """Median tokens/s for pp<prompt_tokens> and tg<new_tokens>, and the decode bound."""
+    rng = np.random.default_rng(0)
+    time_prefill(llm, min(prompt_tokens, 8), rng)  # warm-up: first-touch of the weights
+    prefill = [prompt_tokens / time_prefill(llm, prompt_tokens, rng) for _ in range(repetitions)]
+    decode = [new_tokens / time_decode(llm, new_tokens, rng) for _ in range(repetitions)]
+    bandwidth = memory_bandwidth()
+    bytes_per_token = decode_bytes_per_token(llm)
+    bound = bandwidth / bytes_per_token
+    return {
+        "prefill_tokens_per_s": statistics.median(prefill),
+        "decode_tokens_per_s": statistics.median(decode),
+        "bandwidth_gb_per_s": bandwidth / 1e9,
+        "weight_mb_per_token": bytes_per_token / 1e6,
+        "decode_bound_tokens_per_s": bound,
+        "decode_fraction_of_bound": statistics.median(decode) / bound,
+    }

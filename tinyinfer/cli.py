@@ -1,0 +1,215 @@
+"""The `tinyinfer` command: generate, chat, info, bench."""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import tinyinfer
+from tinyinfer.bench import RANDOM_SHAPES, random_model, run_bench
+from tinyinfer.chat import ChatSession
+from tinyinfer.llm import COMPUTE_DTYPES, LLM
+from tinyinfer.ops import BACKENDS, get_backend
+
+
+def add_model_arguments(parser: argparse.ArgumentParser):
+    parser.add_argument("--model", required=True, help="a Hugging Face model directory or a llama2.c .bin")
+    parser.add_argument("--tokenizer", help="tokenizer.json or llama2.c tokenizer.bin (if the model has none)")
+    parser.add_argument("--backend", default="numpy", choices=sorted(BACKENDS))
+    parser.add_argument("--dtype", default="float32", choices=list(COMPUTE_DTYPES), help="compute dtype")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, temperature: float):
+    defaults = tinyinfer.SamplingParams()
+    parser.add_argument("--temperature", type=float, default=temperature, help="0 is greedy")
+    parser.add_argument("--top-k", type=int, default=defaults.top_k, help="0 disables")
+    parser.add_argument("--top-p", type=float, default=defaults.top_p, help="1 disables")
+    parser.add_argument("--min-p", type=float, default=defaults.min_p, help="0 disables")
+    parser.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty)
+    parser.add_argument("--max-tokens", type=int, default=defaults.max_tokens)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--seed", type=int, default=None, help="the same seed gives the same text")
+    parser.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
+
+
+def sampling_params(args) -> tinyinfer.SamplingParams:
+    return tinyinfer.SamplingParams(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty, max_tokens=args.max_tokens, stop=args.stop,
+        seed=args.seed, ignore_eos=args.ignore_eos,
+    )
+
+
+def load_model(args) -> LLM:
+    return tinyinfer.load(args.model, backend=args.backend, dtype=args.dtype, tokenizer=args.tokenizer)
+
+
+def parse_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise ValueError(f"--prompt-ids takes integers separated by commas or spaces, got {text!r}") from None
+
+
+# ---- commands --------------------------------------------------------------------------------
+def cmd_generate(args):
+    params = sampling_params(args)
+    llm = load_model(args)
+    if args.prompt_ids is not None:  # a model without a tokenizer works on ids
+        out = llm.generate(parse_ids(args.prompt_ids), params)
+        print(" ".join(map(str, out.token_ids)))
+        return
+    if args.prompt is None:
+        raise ValueError("give a prompt (or --prompt-ids)")
+    sys.stdout.write(args.prompt)
+    for piece in llm.stream(args.prompt, params):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def cmd_chat(args):
+    params = sampling_params(args)
+    llm = load_model(args)
+    session = ChatSession(llm, system_prompt=args.system)
+    mode = "chat template" if session.uses_template else "no chat template: plain continuation"
+    print(f"tinyinfer chat: {Path(args.model).name} ({mode}). /reset starts over, /exit or Ctrl-D quits.")
+    while True:
+        try:
+            user_text = input("> ")
+        except EOFError:
+            print()
+            return
+        except KeyboardInterrupt:  # Ctrl-C at the prompt clears the line, as in a shell
+            print("\n(Ctrl-D or /exit to quit)")
+            continue
+        command = user_text.strip()
+        if command in ("/exit", "/quit"):
+            return
+        if command == "/reset":
+            session.reset()
+            print("(conversation cleared)")
+            continue
+        if not command:
+            continue
+        start = time.perf_counter()
+        try:
+            for piece in session.send(user_text, params):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:  # Ctrl-C while answering stops the answer, not the program
+            sys.stdout.write(" [interrupted]")
+        except tinyinfer.ContextLengthError as e:
+            print(f"error: {e}")
+            continue
+        sequence = session.last_sequence
+        elapsed = time.perf_counter() - start
+        print(
+            f"\n[{len(sequence.output_ids)} tokens, {len(sequence.output_ids) / elapsed:.1f} tokens/s, "
+            f"{session.reused_tokens} of {len(sequence.prompt_ids)} prompt tokens reused from the cache]"
+        )
+
+
+def cmd_info(args):
+    llm = tinyinfer.load(args.path, tokenizer=args.tokenizer)
+    config, path = llm.config, Path(args.path)
+    files = [p for p in path.iterdir() if p.is_file()] if path.is_dir() else [path]
+    if path.is_dir():
+        from tinyinfer.loading.hf_checkpoint import stored_dtypes
+
+        stored = ", ".join(stored_dtypes(path))
+    else:
+        stored = "F32 (llama2.c)"
+    rows = [
+        ("architecture", config.architecture),
+        ("parameters", f"{config.num_parameters:,} ({config.num_parameters / 1e6:.2f} M)"),
+        ("layers", config.num_layers),
+        ("hidden size", config.hidden_size),
+        ("MLP size", config.intermediate_size),
+        ("heads", f"{config.num_heads} query, {config.num_kv_heads} key/value, head_dim {config.head_dim}"),
+        ("vocab size", config.vocab_size),
+        ("context length", config.max_context),
+        ("rope", f"theta {config.rope_theta:g}" + (f", scaling {config.rope_scaling}" if config.rope_scaling else "")),
+        ("tied embeddings", config.tie_word_embeddings),
+        ("stored dtype", stored),
+        ("bytes on disk", f"{sum(f.stat().st_size for f in files):,}"),
+        ("bytes in memory", f"{llm.model.weights.nbytes:,} (weights as {llm.dtype})"),
+        ("tokenizer", type(llm.tokenizer).__name__ if llm.tokenizer else "none (token ids only)"),
+        ("chat template", "yes" if llm.tokenizer and llm.tokenizer.chat_template else "no"),
+    ]
+    for name, value in rows:
+        print(f"{name:>16}: {value}")
+
+
+def cmd_bench(args):
+    print(f"| model | backend | dtype | pp{args.prompt_tokens} tok/s | tg{args.new_tokens} tok/s | "
+          "weights read/token | copy bandwidth | decode bound tok/s | tg / bound |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for backend in args.backend.split(","):
+        if args.random:
+            config, weights = random_model(args.random, COMPUTE_DTYPES[args.dtype])
+            llm, name = LLM(config, weights, None, get_backend(backend), COMPUTE_DTYPES[args.dtype], Path(args.random)), f"random {args.random}"
+        else:
+            llm = tinyinfer.load(args.model, backend=backend, dtype=args.dtype)
+            name = Path(args.model).name
+        r = run_bench(llm, args.prompt_tokens, args.new_tokens, args.repetitions)
+        print(
+            f"| {name} | {backend} | {args.dtype} | {r['prefill_tokens_per_s']:.1f} | {r['decode_tokens_per_s']:.1f} | "
+            f"{r['weight_mb_per_token']:.1f} MB | {r['bandwidth_gb_per_s']:.1f} GB/s | "
+            f"{r['decode_bound_tokens_per_s']:.1f} | {r['decode_fraction_of_bound']:.0%} |",
+            flush=True,
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tinyinfer", description="A teaching inference engine for transformer LMs.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser("generate", help="stream the continuation of a prompt")
+    add_model_arguments(generate)
+    add_sampling_arguments(generate, temperature=1.0)
+    generate.add_argument("prompt", nargs="?", help="the text to continue")
+    generate.add_argument("--prompt-ids", help="token ids instead of text, e.g. '1,403,407' (prints ids)")
+    generate.set_defaults(run=cmd_generate)
+
+    chat = commands.add_parser("chat", help="talk to the model (uses its chat template when it has one)")
+    add_model_arguments(chat)
+    add_sampling_arguments(chat, temperature=0.8)
+    chat.add_argument("--system", help="a system prompt")
+    chat.set_defaults(run=cmd_chat)
+
+    info = commands.add_parser("info", help="what a checkpoint holds")
+    info.add_argument("path")
+    info.add_argument("--tokenizer")
+    info.set_defaults(run=cmd_info)
+
+    bench = commands.add_parser("bench", help="prefill and decode tokens/s (llama-bench style)")
+    source = bench.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="a model path")
+    source.add_argument("--random", choices=sorted(RANDOM_SHAPES), help="a random-weight model of this shape")
+    bench.add_argument("--backend", default="numpy", help="one or more, comma-separated")
+    bench.add_argument("--dtype", default="float32", choices=list(COMPUTE_DTYPES))
+    bench.add_argument("-p", "--prompt-tokens", type=int, default=128)
+    bench.add_argument("-n", "--new-tokens", type=int, default=128)
+    bench.add_argument("-r", "--repetitions", type=int, default=5)
+    bench.set_defaults(run=cmd_bench)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, RuntimeError, OSError) as e:  # bad input: say what, not a traceback
+        print(f"tinyinfer: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Where the model's weights live once loaded, named for what they do (not for any file format).
+
+Every loader (Hugging Face safetensors, llama2.c .bin) fills these, so the forward pass reads
+one layout. All matrices are [out_features, in_features], as checkpoints store them.
+"""
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+
+@dataclass
+class LayerWeights:
+    attention_norm: np.ndarray  # [hidden]
+    wq: np.ndarray  # [num_heads * head_dim, hidden]
+    wk: np.ndarray  # [num_kv_heads * head_dim, hidden]
+    wv: np.ndarray  # [num_kv_heads * head_dim, hidden]
+    wo: np.ndarray  # [hidden, num_heads * head_dim]
+    mlp_norm: np.ndarray  # [hidden]
+    w_gate: np.ndarray  # [intermediate, hidden]
+    w_up: np.ndarray  # [intermediate, hidden]
+    w_down: np.ndarray  # [hidden, intermediate]
+    bq: np.ndarray | None = None  # [num_heads * head_dim]     (Qwen2)
+    bk: np.ndarray | None = None  # [num_kv_heads * head_dim]  (Qwen2)
+    bv: np.ndarray | None = None  # [num_kv_heads * head_dim]  (Qwen2)
+    q_norm: np.ndarray | None = None  # [head_dim]  (Qwen3)
+    k_norm: np.ndarray | None = None  # [head_dim]  (Qwen3)
+
+
+@dataclass
+class ModelWeights:
+    embedding: np.ndarray  # [vocab, hidden]
+    layers: list[LayerWeights]
+    final_norm: np.ndarray  # [hidden]
+    lm_head: np.ndarray  # [vocab, hidden]; the embedding itself when tied
+
+    def arrays(self):
+        """Every distinct weight array once (a tied LM head is the embedding)."""
+        seen = {}
+        for array in [self.embedding, self.final_norm, self.lm_head]:
+            seen[id(array)] = array
+        for layer in self.layers:
+            for array in vars(layer).values():
+                if array is not None:
+                    seen[id(array)] = array
+        return list(seen.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(array.nbytes for array in self.arrays())
+
+    def map(self, function) -> "ModelWeights":
+        """The same weights with `function` applied to every array (to move them to a device);
+        a tied LM head stays the very same array as the embedding."""
+        moved = {id(array): function(array) for array in self.arrays()}
+
+        def move(array):
+            return None if array is None else moved[id(array)]
+
+        return ModelWeights(
+            embedding=move(self.embedding),
+            layers=[replace(layer, **{k: move(v) for k, v in vars(layer).items()}) for layer in self.layers],
+            final_norm=move(self.final_norm),
+            lm_head=move(self.lm_head),
+        )
