@@ -1,0 +1,86 @@
+"""The tinyinfer command line: generate, chat, info, bench, and its errors."""
+
+import subprocess
+import sys
+
+import pytest
+
+from tinyinfer.cli import main
+from tiny_models import FIXTURES, SHARED_MODELS
+
+LLAMA = str(FIXTURES / "models" / "llama")
+
+
+def test_generate_streams_the_prompt_and_its_continuation(capsys):
+    assert main(["generate", "--model", LLAMA, "--temperature", "0", "--max-tokens", "5", "To be"]) == 0
+    import tinyinfer
+
+    expected = tinyinfer.load(LLAMA).generate("To be", tinyinfer.SamplingParams(temperature=0, max_tokens=5)).text
+    assert capsys.readouterr().out == "To be" + expected + "\n"
+
+
+def test_generate_with_token_ids_prints_ids(tiny_model_dir, capsys):
+    assert main(["generate", "--model", str(tiny_model_dir), "--prompt-ids", "5,6,7", "--temperature", "0",
+                 "--max-tokens", "4", "--ignore-eos"]) == 0
+    assert len(capsys.readouterr().out.split()) == 4
+
+
+def test_same_seed_same_text_from_the_command_line(capsys):
+    args = ["generate", "--model", LLAMA, "--temperature", "1.0", "--seed", "3", "--max-tokens", "12", "To be"]
+    main(args)
+    first = capsys.readouterr().out
+    main(args)
+    assert capsys.readouterr().out == first
+
+
+def test_impossible_setting_is_an_error_message_not_a_traceback(capsys):
+    assert main(["generate", "--model", LLAMA, "--top-p", "1.5", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tinyinfer: error: top_p must be in (0, 1]") and "Traceback" not in err
+
+
+def test_bad_model_path_is_an_error_message(tmp_path, capsys):
+    assert main(["generate", "--model", str(tmp_path / "nope"), "hi"]) == 2
+    assert "no such file or directory" in capsys.readouterr().err
+
+
+def test_info_reports_shape_parameters_and_sizes(capsys):
+    assert main(["info", LLAMA]) == 0
+    out = capsys.readouterr().out
+    for field in ("architecture: LlamaForCausalLM", "parameters:", "bytes on disk:", "bytes in memory:",
+                  "stored dtype: F32", "context length: 128", "vocab size:"):
+        assert field in out
+
+
+@pytest.mark.skipif(not (SHARED_MODELS / "stories260K").exists(), reason="../shared absent")
+def test_info_on_a_llama2c_checkpoint(capsys):
+    assert main(["info", str(SHARED_MODELS / "stories260K" / "stories260K.bin")]) == 0
+    assert "parameters: 260,032" in capsys.readouterr().out
+
+
+def test_bench_prints_a_table_row_with_prefill_and_decode(tiny_model_dir, capsys):
+    assert main(["bench", "--model", str(tiny_model_dir), "-p", "8", "-n", "4", "-r", "1"]) == 0
+    row = capsys.readouterr().out.strip().splitlines()[-1]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "numpy" and float(cells[3]) > 0 and float(cells[4]) > 0
+
+
+def run_chat(stdin: str, *extra) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tinyinfer.cli", "chat", "--model", LLAMA, "--temperature", "0", "--max-tokens", "6", *extra],
+        input=stdin, capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_chat_answers_each_turn_with_tokens_per_second_and_reuses_the_cache():
+    result = run_chat("Hello\nAnd you?\n/reset\nHello\n/exit\n")
+    assert result.returncode == 0, result.stderr
+    stats = [line for line in result.stdout.splitlines() if "tokens/s" in line]
+    assert len(stats) == 3
+    assert ", 0 of" in stats[0] and ", 0 of" not in stats[1] and ", 0 of" in stats[2]
+    assert "(conversation cleared)" in result.stdout
+
+
+def test_chat_ends_cleanly_on_ctrl_d():
+    result = run_chat("Hello\n")
+    assert result.returncode == 0 and "Traceback" not in result.stderr
