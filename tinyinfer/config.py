@@ -40,6 +40,7 @@ class ModelConfig:
     qk_norm: bool = False  # per-head RMSNorm on q and k (Qwen3)
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
+    stop_strings: list[str] = field(default_factory=list)  # generation_config.json's default stops
 
     @property
     def num_parameters(self) -> int:
@@ -112,6 +113,7 @@ class ModelConfig:
             qk_norm=extra.get("qk_norm", False),
             bos_token_id=generation.get("bos_token_id", raw.get("bos_token_id")),
             eos_token_ids=_as_list(eos),
+            stop_strings=_as_list(generation.get("stop_strings")),
         )
 
 
@@ -145,7 +147,7 @@ def _read_json_if_present(path: Path) -> dict:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
-def _as_list(value) -> list[int]:
+def _as_list(value) -> list:
     if value is None:
         return []
     return list(value) if isinstance(value, (list, tuple)) else [value]

@@ -11,14 +11,18 @@ from tinyinfer.sampling import SamplingParams
 
 
 class Sequence:
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, cache: KVCache, tokenizer, eos_token_ids, max_context: int):
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, cache: KVCache, tokenizer, eos_token_ids,
+                 max_context: int, model_stop_strings=()):
         self.prompt_ids = list(prompt_ids)
         self.output_ids: list[int] = []
         self.params = params
         self.cache = cache
         self.max_context = max_context
         self.rng = np.random.default_rng(params.seed)
+        # the model's own end markers (EOS ids, generation_config.json's stop strings) unless
+        # ignore_eos; the caller's stop ids and strings always
         self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
+        self.stop_strings = list(params.stop) + ([] if params.ignore_eos else list(model_stop_strings))
         self.detokenizer = IncrementalDetokenizer(tokenizer, self.prompt_ids) if tokenizer else None
         self.text = ""  # the decoded output, cut before a stop string when one appears
         self.streamed = 0  # characters of text already handed to the caller
@@ -58,7 +62,7 @@ class Sequence:
             return
         search_from = max(0, len(self.text) - self._longest_stop() + 1)
         self.text += piece
-        for stop in self.params.stop:
+        for stop in self.stop_strings:
             index = self.text.find(stop, search_from)
             if index >= 0:
                 self.text = self.text[:index]
@@ -66,7 +70,7 @@ class Sequence:
                 return
 
     def _longest_stop(self) -> int:
-        return max((len(s) for s in self.params.stop), default=0)
+        return max((len(s) for s in self.stop_strings), default=0)
 
     def take_new_text(self) -> str:
         """Text not yet streamed. While running, the last characters that could still be the
