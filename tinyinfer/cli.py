@@ -1,4 +1,4 @@
-"""The `tinyinfer` command: generate, chat, info, bench."""
+"""The `tinyinfer` command: generate, chat, info, bench, eval."""
 
 import argparse
 import sys
@@ -15,7 +15,7 @@ from tinyinfer.ops import BACKENDS, get_backend
 
 
 def add_model_arguments(parser: argparse.ArgumentParser):
-    parser.add_argument("--model", required=True, help="a Hugging Face model directory or a llama2.c .bin")
+    parser.add_argument("--model", help="a Hugging Face model directory or a llama2.c .bin (default: the bundled model, bard)")
     parser.add_argument("--tokenizer", help="tokenizer.json or llama2.c tokenizer.bin (if the model has none)")
     parser.add_argument("--backend", default="numpy", choices=sorted(BACKENDS))
     parser.add_argument("--dtype", default="float32", choices=list(COMPUTE_DTYPES), help="compute dtype")
@@ -31,7 +31,8 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, temperature: float):
     parser.add_argument("--max-tokens", type=int, default=defaults.max_tokens)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--seed", type=int, default=None, help="the same seed gives the same text")
-    parser.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
+    parser.add_argument("--ignore-eos", action="store_true",
+                        help="keep generating past end-of-sequence and the model's own stop strings")
 
 
 def sampling_params(args) -> tinyinfer.SamplingParams:
@@ -75,7 +76,7 @@ def cmd_chat(args):
     llm = load_model(args)
     session = ChatSession(llm, system_prompt=args.system)
     mode = "chat template" if session.uses_template else "no chat template: plain continuation"
-    print(f"tinyinfer chat: {Path(args.model).name} ({mode}). /reset starts over, /exit or Ctrl-D quits.")
+    print(f"tinyinfer chat: {llm.path.name} ({mode}). /reset starts over, /exit or Ctrl-D quits.")
     while True:
         try:
             user_text = input("> ")
@@ -114,7 +115,7 @@ def cmd_chat(args):
 
 def cmd_info(args):
     llm = tinyinfer.load(args.path, tokenizer=args.tokenizer)
-    config, path = llm.config, Path(args.path)
+    config, path = llm.config, llm.path
     files = [p for p in path.iterdir() if p.is_file()] if path.is_dir() else [path]
     if path.is_dir():
         from tinyinfer.loading.hf_checkpoint import stored_dtypes
@@ -153,7 +154,7 @@ def cmd_bench(args):
             llm, name = LLM(config, weights, None, get_backend(backend), COMPUTE_DTYPES[args.dtype], Path(args.random)), f"random {args.random}"
         else:
             llm = tinyinfer.load(args.model, backend=backend, dtype=args.dtype)
-            name = Path(args.model).name
+            name = llm.path.name
         r = run_bench(llm, args.prompt_tokens, args.new_tokens, args.repetitions)
         print(
             f"| {name} | {backend} | {args.dtype} | {r['prefill_tokens_per_s']:.1f} | {r['decode_tokens_per_s']:.1f} | "
@@ -161,6 +162,15 @@ def cmd_bench(args):
             f"{r['decode_bound_tokens_per_s']:.1f} | {r['decode_fraction_of_bound']:.0%} |",
             flush=True,
         )
+
+
+def cmd_eval(args):
+    text = Path(args.file).read_text(encoding="utf-8")
+    llm = load_model(args)
+    result = llm.perplexity(text, context=args.context, max_chunks=args.chunks, progress=True)
+    print(f"{llm.path.name} on {args.file}: {result.predicted_tokens} tokens predicted in {result.windows} windows "
+          f"of up to {args.context or llm.config.max_context}")
+    print(f"mean loss {result.mean_loss:.4f} nats/token, perplexity {result.perplexity:.2f}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -181,13 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(run=cmd_chat)
 
     info = commands.add_parser("info", help="what a checkpoint holds")
-    info.add_argument("path")
+    info.add_argument("path", nargs="?", help="default: the bundled model, bard")
     info.add_argument("--tokenizer")
     info.set_defaults(run=cmd_info)
 
     bench = commands.add_parser("bench", help="prefill and decode tokens/s (llama-bench style)")
-    source = bench.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="a model path")
+    source = bench.add_mutually_exclusive_group()
+    source.add_argument("--model", help="a model path (default: the bundled model, bard)")
     source.add_argument("--random", choices=sorted(RANDOM_SHAPES), help="a random-weight model of this shape")
     bench.add_argument("--backend", default="numpy", help="one or more, comma-separated")
     bench.add_argument("--dtype", default="float32", choices=list(COMPUTE_DTYPES))
@@ -195,6 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("-n", "--new-tokens", type=int, default=128)
     bench.add_argument("-r", "--repetitions", type=int, default=5)
     bench.set_defaults(run=cmd_bench)
+
+    evaluate = commands.add_parser("eval", help="perplexity of a text file (mean next-token loss)")
+    add_model_arguments(evaluate)
+    evaluate.add_argument("file", help="a UTF-8 text file")
+    evaluate.add_argument("--context", type=int, help="window length in tokens (default: the model's context)")
+    evaluate.add_argument("--chunks", type=int, help="score only the first N windows")
+    evaluate.set_defaults(run=cmd_eval)
     return parser
 
 

@@ -10,24 +10,25 @@ from pathlib import Path
 import numpy as np
 
 from tinyinfer.config import ModelConfig
+from tinyinfer.default_model import default_model_path
 from tinyinfer.errors import ContextLengthError, TokenizerMissingError
 from tinyinfer.kv_cache import KVCache
 from tinyinfer.loading import load_checkpoint
 from tinyinfer.model.batch import ForwardBatch
 from tinyinfer.model.transformer import Transformer
 from tinyinfer.ops import get_backend
-from tinyinfer.outputs import GenerationOutput
+from tinyinfer.perplexity import Perplexity, perplexity
 from tinyinfer.sampling import SamplingParams, sample
 from tinyinfer.sequence import Sequence
 
 COMPUTE_DTYPES = {"float32": np.float32, "float64": np.float64, "float16": np.float16}
 
 
-def load(path, backend: str = "numpy", dtype: str = "float32", tokenizer=None) -> "LLM":
+def load(path=None, backend: str = "numpy", dtype: str = "float32", tokenizer=None) -> "LLM":
     """Load a model for inference.
 
     path: a Hugging Face model directory (config.json, safetensors, tokenizer.json) or a
-    llama2.c `.bin` checkpoint. backend: "numpy" (the reference). dtype: the compute dtype,
+    llama2.c `.bin` checkpoint; None loads the bundled default model, bard. backend: "numpy" (the reference). dtype: the compute dtype,
     "float32" (default), "float64" (for checking) or "float16" (half the memory; slow in NumPy,
     which has no half-precision matrix kernels). tokenizer: a tokenizer path, needed for text
     with a llama2.c checkpoint (its tokenizer.bin).
@@ -36,6 +37,7 @@ def load(path, backend: str = "numpy", dtype: str = "float32", tokenizer=None) -
         hint = " (NumPy has no bfloat16; bf16 checkpoints are widened exactly to float32)" if dtype == "bfloat16" else ""
         raise ValueError(f"dtype {dtype!r} is not supported; choose one of {', '.join(COMPUTE_DTYPES)}{hint}")
     ops = get_backend(backend)
+    path = default_model_path() if path is None else path
     config, weights, tokenizer = load_checkpoint(path, COMPUTE_DTYPES[dtype], tokenizer)
     return LLM(config, weights, tokenizer, ops, COMPUTE_DTYPES[dtype], Path(path))
 
@@ -87,7 +89,8 @@ class LLM:
         if cache is None:
             capacity = min(self.config.max_context, len(ids) + params.max_tokens)
             cache = KVCache(self.config, capacity, self.ops, self.dtype)
-        return Sequence(ids, params, cache, self.tokenizer, self.eos_token_ids, self.config.max_context)
+        stop_strings = self.config.stop_strings if self.tokenizer else []
+        return Sequence(ids, params, cache, self.tokenizer, self.eos_token_ids, self.config.max_context, stop_strings)
 
     def run(self, sequences: list[Sequence]) -> Iterator[None]:
         """Step all sequences to the end, yielding after each step (so callers can stream).
@@ -140,4 +143,11 @@ class LLM:
         self.prompt_ids(ids[:1])  # range-checks come from the same place as for prompts
         cache = KVCache(self.config, len(ids), self.ops, self.dtype)
         return self.model.forward(ForwardBatch.build([ids], [cache]), all_logits=True)
+
+    def perplexity(self, text, context: int | None = None, max_chunks: int | None = None,
+                   progress: bool = False) -> Perplexity:
+        """How well the model predicts a text (or a list of token ids): the mean next-token
+        cross-entropy over non-overlapping windows of `context` tokens (default: the model's
+        context window), and its exponential. See tinyinfer/perplexity.py."""
+        return perplexity(self, text, context, max_chunks, progress)
 
