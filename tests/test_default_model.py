@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 import tinyinfer
+from backends import backend_params
 from tinyinfer.chat import ChatSession
 from tinyinfer.cli import main
 from tinyinfer.default_model import default_model_path
-from tinyinfer.ops import BACKENDS
 from tinyinfer.perplexity import token_losses, windows_of
 
 BARD = default_model_path()
@@ -43,7 +43,7 @@ def test_perplexity_matches_the_training_scripts_loss_on_the_heldout_excerpt(bar
     assert result.perplexity == pytest.approx(HELDOUT["perplexity"], rel=1e-4)
 
 
-@pytest.mark.parametrize("backend", sorted(BACKENDS))
+@pytest.mark.parametrize("backend", backend_params())
 def test_greedy_continuations_are_those_of_transformers_on_every_backend(backend):
     """The training script recorded transformers' greedy text for a few prompts (60 tokens)."""
     llm = tinyinfer.load(backend=backend)

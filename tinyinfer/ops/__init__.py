@@ -1,20 +1,25 @@
 """The op interface: the only thing the model calls.
 
-A backend is an object with the ops of `NumpyBackend` (the reference, and the textbook) plus
-`to_device` / `to_numpy`. Choosing one is a single argument: `get_backend("numpy")`.
+A backend is an object with the ops of `NumpyBackend` (the reference, and the textbook):
+embedding, matmul (float, float16-stored or int8 `Q8Weight` weights), rms_norm, rotary,
+attention, silu_mul, softmax, plus `to_device` / `to_numpy` / `zeros`. Choosing one is a
+single argument: `get_backend("numba")`. The fast backends live in `kernels/` (installed as
+`tinyinfer.kernels`) and are imported only when chosen, so CuPy is needed only for "cupy".
 """
 
-from tinyinfer.ops.numpy_backend import NumpyBackend
+import importlib
 
-BACKENDS = {"numpy": NumpyBackend}
+# name -> "module:class", imported on first use
+BACKENDS = {
+    "numpy": "tinyinfer.ops.numpy_backend:NumpyBackend",
+    "numba": "tinyinfer.kernels.numba_backend:NumbaBackend",
+    "cupy": "tinyinfer.kernels.cupy_backend:CupyBackend",
+}
 
 
 def get_backend(name: str):
-    """Return a new backend object by name ("numpy"; "numba" and "cupy" come with the kernels)."""
-    try:
-        backend_class = BACKENDS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown backend {name!r}; available backends: {', '.join(sorted(BACKENDS))}"
-        ) from None
-    return backend_class()
+    """Return a new backend object by name: "numpy", "numba" or "cupy"."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; available backends: {', '.join(BACKENDS)}")
+    module_name, class_name = BACKENDS[name].split(":")
+    return getattr(importlib.import_module(module_name), class_name)()

@@ -7,11 +7,14 @@ give the same numbers; tests compare them against this file.
 Conventions (the same for every backend):
 - activations are `[tokens, features]`: a batch of sequences is flattened into one token axis;
 - weights are stored `[out_features, in_features]`, the way checkpoints store them, so a
-  linear layer is `x @ w.T`;
+  linear layer is `x @ w.T`; a matrix may be stored in the compute dtype, in float16, or as
+  int8 blocks (`Q8Weight`, see tinyinfer/quantize.py), and matmul accepts all three;
 - heads live on their own axis: `q: [tokens, num_heads, head_dim]`.
 """
 
 import numpy as np
+
+from tinyinfer.quantize import Q8Weight, dequantize
 
 
 class NumpyBackend:
@@ -20,9 +23,11 @@ class NumpyBackend:
     name = "numpy"
 
     # ---- moving arrays -------------------------------------------------------------------
-    def to_device(self, array: np.ndarray, dtype=None) -> np.ndarray:
-        """Host array -> this backend's array. NumPy's device is the host, so no copy is
-        made when the dtype already matches (a memory-mapped weight stays on disk)."""
+    def to_device(self, array, dtype=None):
+        """Host array (or Q8Weight) -> this backend's array. NumPy's device is the host, so no
+        copy is made when the dtype already matches (a memory-mapped weight stays on disk)."""
+        if isinstance(array, Q8Weight):
+            return array
         return np.asarray(array, dtype=dtype)
 
     def to_numpy(self, array: np.ndarray) -> np.ndarray:
@@ -36,17 +41,27 @@ class NumpyBackend:
         """token_ids: [tokens] int, table: [vocab, dim] -> [tokens, dim]: one row per token."""
         return table[token_ids]
 
-    def matmul(self, x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+    def matmul(self, x: np.ndarray, w, bias: np.ndarray | None = None) -> np.ndarray:
         """A linear layer. x: [tokens, in], w: [out, in], bias: [out] or None -> [tokens, out].
 
         One weight matrix serves every token of the batch: with many tokens (prefill) this is
         a matrix-matrix product and compute-bound; with one token per sequence (decode) it is
         a matrix-vector product that reads every weight once per step, so it is bound by memory.
+        w may be stored in float16 (widened here) or as a Q8Weight (see quantized_matmul).
         """
-        y = x @ w.T
+        if isinstance(w, Q8Weight):
+            return self.quantized_matmul(x, w, bias)
+        y = (x @ w.T).astype(x.dtype, copy=False)
         if bias is not None:
             y = y + bias
         return y
+
+    def quantized_matmul(self, x: np.ndarray, w: Q8Weight, bias: np.ndarray | None = None) -> np.ndarray:
+        """x: [tokens, in] times int8 blocks w (values [out, in], scales [out, in // 32]) ->
+        [tokens, out]: the same product with each weight rebuilt as value * its block's scale.
+        (A fast kernel never rebuilds the matrix: it multiplies int8 values and applies the
+        scale once per block; the saving is that it reads 1.125 bytes per weight, not 4.)"""
+        return self.matmul(x, dequantize(w).astype(x.dtype, copy=False), bias)
 
     def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
         """RMSNorm over the last axis. x: [..., dim], weight: [dim] -> [..., dim].
