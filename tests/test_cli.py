@@ -58,11 +58,18 @@ def test_info_on_a_llama2c_checkpoint(capsys):
     assert "parameters: 260,032" in capsys.readouterr().out
 
 
-def test_bench_prints_a_table_row_with_prefill_and_decode(tiny_model_dir, capsys):
-    assert main(["bench", "--model", str(tiny_model_dir), "-p", "8", "-n", "4", "-r", "1"]) == 0
-    row = capsys.readouterr().out.strip().splitlines()[-1]
-    cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[1] == "numpy" and float(cells[3]) > 0 and float(cells[4]) > 0
+def test_bench_prints_a_row_per_weight_format_with_prefill_and_decode(tiny_model_dir, capsys):
+    assert main(["bench", "--model", str(tiny_model_dir), "-p", "8", "-n", "4", "-r", "1", "--weights", "float32,int8"]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()[2:]
+    cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows]
+    assert [(c[1], c[2]) for c in cells] == [("numpy", "float32"), ("numpy", "int8")]
+    assert all(float(c[3]) > 0 and float(c[4]) > 0 for c in cells)
+    assert float(cells[1][5].split()[0]) < float(cells[0][5].split()[0]) / 2  # int8 reads fewer bytes per token
+
+
+def test_generate_with_int8_weights(capsys):
+    assert main(["generate", "ROMEO.", "--temperature", "0", "--weights", "int8"]) == 0
+    assert capsys.readouterr().out.startswith("ROMEO.\n")
 
 
 def run_chat(stdin: str, *extra) -> subprocess.CompletedProcess:

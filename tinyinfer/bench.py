@@ -3,8 +3,8 @@
 pp128: one forward pass over a 128-token prompt. tg128: 128 decode steps of one token each,
 against a growing KV cache. Each is run several times and the median is reported, because a
 shared machine is noisy. Decode reads every weight once per token, so its speed limit is
-memory bandwidth: we measure the bandwidth in the same run and report decode as a fraction of
-that bound.
+memory read bandwidth: we measure it in the same run, with every core reading
+(kernels/bandwidth.py), and report decode as a fraction of that bound.
 """
 
 import statistics
@@ -13,6 +13,7 @@ import time
 import numpy as np
 
 from tinyinfer.config import ModelConfig
+from tinyinfer.kernels.bandwidth import read_bandwidth
 from tinyinfer.kv_cache import KVCache
 from tinyinfer.model.batch import ForwardBatch
 from tinyinfer.model.weights import LayerWeights, ModelWeights
@@ -54,26 +55,13 @@ def random_model(shape: str, dtype=np.float32, seed: int = 0) -> tuple[ModelConf
 
 
 def decode_bytes_per_token(llm) -> int:
-    """Bytes of weights one decode step reads: every matrix once, except that the embedding
-    table gives up only one row (the LM head, even when tied, is read whole)."""
+    """Bytes of weights one decode step reads: every matrix once, in its stored format, except
+    that the embedding table gives up only one row (the LM head, even when tied, is read whole)."""
     weights = llm.model.weights
     total = weights.nbytes
     if weights.lm_head is not weights.embedding:
         total -= weights.embedding.nbytes - weights.embedding[0].nbytes
     return total
-
-
-def memory_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
-    """Bytes per second of a large array copy (each byte is read once and written once, so
-    2x the array per copy), best of several: the memory system's practical speed here."""
-    source = np.ones(megabytes * 2**20 // 8)
-    target = np.empty_like(source)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        np.copyto(target, source)
-        best = min(best, time.perf_counter() - start)
-    return 2 * source.nbytes / best
 
 
 def time_prefill(llm, prompt_tokens: int, rng) -> float:
@@ -101,7 +89,7 @@ def run_bench(llm, prompt_tokens: int = 128, new_tokens: int = 128, repetitions:
     time_prefill(llm, min(prompt_tokens, 8), rng)  # warm-up: first-touch of the weights
     prefill = [prompt_tokens / time_prefill(llm, prompt_tokens, rng) for _ in range(repetitions)]
     decode = [new_tokens / time_decode(llm, new_tokens, rng) for _ in range(repetitions)]
-    bandwidth = memory_bandwidth()
+    bandwidth = read_bandwidth()
     bytes_per_token = decode_bytes_per_token(llm)
     bound = bandwidth / bytes_per_token
     return {

@@ -12,6 +12,7 @@ from tinyinfer.bench import RANDOM_SHAPES, random_model, run_bench
 from tinyinfer.chat import ChatSession
 from tinyinfer.llm import COMPUTE_DTYPES, LLM
 from tinyinfer.ops import BACKENDS, get_backend
+from tinyinfer.quantize import WEIGHT_FORMATS, store_weights
 
 
 def add_model_arguments(parser: argparse.ArgumentParser):
@@ -19,6 +20,8 @@ def add_model_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--tokenizer", help="tokenizer.json or llama2.c tokenizer.bin (if the model has none)")
     parser.add_argument("--backend", default="numpy", choices=sorted(BACKENDS))
     parser.add_argument("--dtype", default="float32", choices=list(COMPUTE_DTYPES), help="compute dtype")
+    parser.add_argument("--weights", choices=WEIGHT_FORMATS,
+                        help="store the matrices as float32, float16 or int8 (Q8_0); default: the compute dtype")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, temperature: float):
@@ -44,7 +47,7 @@ def sampling_params(args) -> tinyinfer.SamplingParams:
 
 
 def load_model(args) -> LLM:
-    return tinyinfer.load(args.model, backend=args.backend, dtype=args.dtype, tokenizer=args.tokenizer)
+    return tinyinfer.load(args.model, backend=args.backend, dtype=args.dtype, tokenizer=args.tokenizer, weights=args.weights)
 
 
 def parse_ids(text: str) -> list[int]:
@@ -145,23 +148,29 @@ def cmd_info(args):
 
 
 def cmd_bench(args):
-    print(f"| model | backend | dtype | pp{args.prompt_tokens} tok/s | tg{args.new_tokens} tok/s | "
-          "weights read/token | copy bandwidth | decode bound tok/s | tg / bound |")
+    """One table row per (backend, weight format), all measured in this one run."""
+    print(f"| model | backend | weights | pp{args.prompt_tokens} tok/s | tg{args.new_tokens} tok/s | "
+          "weights read/token | read bandwidth | decode bound tok/s | tg / bound |")
     print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for backend in args.backend.split(","):
-        if args.random:
-            config, weights = random_model(args.random, COMPUTE_DTYPES[args.dtype])
-            llm, name = LLM(config, weights, None, get_backend(backend), COMPUTE_DTYPES[args.dtype], Path(args.random)), f"random {args.random}"
-        else:
-            llm = tinyinfer.load(args.model, backend=backend, dtype=args.dtype)
-            name = llm.path.name
-        r = run_bench(llm, args.prompt_tokens, args.new_tokens, args.repetitions)
-        print(
-            f"| {name} | {backend} | {args.dtype} | {r['prefill_tokens_per_s']:.1f} | {r['decode_tokens_per_s']:.1f} | "
-            f"{r['weight_mb_per_token']:.1f} MB | {r['bandwidth_gb_per_s']:.1f} GB/s | "
-            f"{r['decode_bound_tokens_per_s']:.1f} | {r['decode_fraction_of_bound']:.0%} |",
-            flush=True,
-        )
+    dtype = COMPUTE_DTYPES[args.dtype]
+    for weight_format in args.weights.split(","):
+        for backend in args.backend.split(","):
+            if args.random:
+                config, weights = random_model(args.random, dtype)
+                weights = store_weights(weights, weight_format)
+                llm = LLM(config, weights, None, get_backend(backend), dtype, Path(args.random))
+                name = f"random {args.random}"
+            else:
+                llm = tinyinfer.load(args.model, backend=backend, dtype=args.dtype, weights=weight_format)
+                name = llm.path.name
+            r = run_bench(llm, args.prompt_tokens, args.new_tokens, args.repetitions)
+            print(
+                f"| {name} | {backend} | {weight_format} | {r['prefill_tokens_per_s']:.1f} | "
+                f"{r['decode_tokens_per_s']:.1f} | {r['weight_mb_per_token']:.1f} MB | "
+                f"{r['bandwidth_gb_per_s']:.1f} GB/s | {r['decode_bound_tokens_per_s']:.1f} | "
+                f"{r['decode_fraction_of_bound']:.0%} |",
+                flush=True,
+            )
 
 
 def cmd_eval(args):
@@ -201,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--random", choices=sorted(RANDOM_SHAPES), help="a random-weight model of this shape")
     bench.add_argument("--backend", default="numpy", help="one or more, comma-separated")
     bench.add_argument("--dtype", default="float32", choices=list(COMPUTE_DTYPES))
+    bench.add_argument("--weights", default="float32", help="one or more of float32, float16, int8, comma-separated")
     bench.add_argument("-p", "--prompt-tokens", type=int, default=128)
     bench.add_argument("-n", "--new-tokens", type=int, default=128)
     bench.add_argument("-r", "--repetitions", type=int, default=5)
