@@ -124,7 +124,7 @@ def test_the_wheel_lists_every_package_and_carries_the_model_files():
 
     setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
     on_disk = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "tinyinfer").rglob("__init__.py")}
-    assert on_disk | {"tinyinfer.bundled_model"} == set(setuptools["packages"])
+    assert on_disk | set(setuptools["package-dir"]) == set(setuptools["packages"])  # + kernels, bundled model
     assert REPO / setuptools["package-dir"]["tinyinfer.bundled_model"] == BARD
     patterns = setuptools["package-data"]["tinyinfer.bundled_model"]
     shipped = {p.name for pattern in patterns for p in BARD.glob(pattern)}

@@ -1,25 +1,16 @@
-"""A multi-turn conversation that keeps its KV cache between turns.
+"""A multi-turn conversation, with the history's KV computed once.
 
 Each turn the whole conversation is rendered again (with the model's chat template, or as
-plain running text when it has none) and tokenized. Everything up to the first token that
-differs from what the cache already holds is reused; only the rest is prefilled. So turn n
-costs the tokens of turn n, not the whole history.
+plain running text when it has none), tokenized and sent to the engine as a new request. The
+engine's prefix cache finds the blocks of the history it computed last turn (keyed by their
+tokens and everything before them), so only the new part is prefilled: turn n costs the
+tokens of turn n, not the whole history.
 """
 
 from collections.abc import Iterator
 
 from tinyinfer.errors import ContextLengthError, TokenizerMissingError
-from tinyinfer.kv_cache import KVCache
 from tinyinfer.sampling import SamplingParams
-
-
-def common_prefix_length(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class ChatSession:
@@ -28,17 +19,18 @@ class ChatSession:
             raise TokenizerMissingError("Chat")
         self.llm = llm
         self.system_prompt = system_prompt
-        self.cache = KVCache(llm.config, 0, llm.ops, llm.dtype)  # grows as the conversation does
         self.reset()
 
     def reset(self):
-        """Forget the conversation (the cache's memory is kept for the next one)."""
+        """Forget the conversation."""
         self.messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         self.transcript_ids: list[int] = []  # plain-text mode: every token so far
-        self.cached_ids: list[int] = []  # the tokens whose keys and values the cache holds
-        self.cache.truncate(0)
         self.last_sequence = None
-        self.reused_tokens = 0
+
+    @property
+    def reused_tokens(self) -> int:
+        """Prompt tokens of the last turn whose KV came from the prefix cache."""
+        return self.last_sequence.num_cached_tokens if self.last_sequence else 0
 
     @property
     def uses_template(self) -> bool:
@@ -60,19 +52,13 @@ class ChatSession:
                 f"the conversation has grown to {len(prompt_ids)} tokens, past the model's context window "
                 f"of {self.llm.config.max_context}; start a new one with /reset"
             )
-        # keep the shared prefix, but leave at least one prompt token to run (its logits start the answer)
-        reuse = min(common_prefix_length(self.cached_ids, prompt_ids), len(prompt_ids) - 1)
-        self.cache.truncate(reuse)
-        self.cache.reserve(min(self.llm.config.max_context, len(prompt_ids) + params.max_tokens))
-        sequence = self.llm.new_sequence(prompt_ids, params, cache=self.cache)
-        self.last_sequence = sequence
-        self.reused_tokens = reuse
+        engine = self.llm.engine
+        request_id = engine.add_request(prompt_ids, params)
+        sequence = self.last_sequence = engine.sequences[request_id]
         try:
-            yield from self.llm.stream_sequence(sequence)
+            yield from self.llm.stream_request(request_id)
         finally:  # also when interrupted: what was generated stays part of the conversation
-            generated = sequence.prompt_ids + sequence.output_ids
-            self.cached_ids = generated[: self.cache.length]
-            self.transcript_ids = generated
+            self.transcript_ids = sequence.token_ids
             self.messages += [
                 {"role": "user", "content": user_text},
                 {"role": "assistant", "content": sequence.text},

@@ -18,3 +18,7 @@ class TokenizerMissingError(RuntimeError):
             "Pass tokenizer=PATH to tinyinfer.load (a tokenizer.json, or a llama2.c "
             "tokenizer.bin), or work with token ids: generate([1, 2, 3], ...)."
         )
+
+
+class KVCacheTooSmallError(ValueError):
+    """A request that could never fit the engine's KV cache, even running alone."""

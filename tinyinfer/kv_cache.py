@@ -51,6 +51,12 @@ class KVCache:
         """Keys and values of rows 0 .. end-1: two [end, num_kv_heads, head_dim] views."""
         return self.keys[layer][:end], self.values[layer][:end]
 
+    def attention(self, layer: int, q, start: int):
+        """Attention of q: [new_tokens, num_heads, head_dim] (positions start, ...) over every
+        key and value stored so far, including the new ones just written."""
+        keys, values = self.read(layer, start + q.shape[0])
+        return self.backend.attention(q, keys, values, start)
+
     def truncate(self, length: int):
         """Forget everything after the first `length` tokens (a chat keeps the shared prefix)."""
         self.length = min(self.length, length)

@@ -1,7 +1,8 @@
 """The library's front door: `tinyinfer.load(path)` gives an `LLM` that generates, streams and scores.
 
-For now one call runs its prompts together as one batch: a single prefill pass over every
-prompt, then decode steps for all running sequences at once, each with its own KV cache.
+Generation goes through the serving engine (tinyinfer/engine/): the prompts of a call, and any
+other requests in flight, are batched together step by step over a paged KV cache. Scoring
+(`logits`, `perplexity`) runs one prefill pass over a contiguous KV cache.
 """
 
 from collections.abc import Iterator
@@ -11,6 +12,7 @@ import numpy as np
 
 from tinyinfer.config import ModelConfig
 from tinyinfer.default_model import default_model_path
+from tinyinfer.engine import LLMEngine
 from tinyinfer.errors import ContextLengthError, TokenizerMissingError
 from tinyinfer.kv_cache import KVCache
 from tinyinfer.loading import load_checkpoint
@@ -19,7 +21,7 @@ from tinyinfer.model.transformer import Transformer
 from tinyinfer.ops import get_backend
 from tinyinfer.perplexity import Perplexity, perplexity
 from tinyinfer.quantize import store_weights
-from tinyinfer.sampling import SamplingParams, sample
+from tinyinfer.sampling import SamplingParams
 from tinyinfer.sequence import Sequence
 
 COMPUTE_DTYPES = {"float32": np.float32, "float64": np.float64, "float16": np.float16}
@@ -59,6 +61,7 @@ class LLM:
         self.model = Transformer(config, device_weights, ops, dtype)
         eos = list(config.eos_token_ids) + (tokenizer.eos_token_ids if tokenizer else [])
         self.eos_token_ids = sorted(set(eos))
+        self._engine = None
 
     # ---- text <-> ids --------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -87,57 +90,70 @@ class LLM:
         return ids
 
     # ---- generation ----------------------------------------------------------------------
-    def new_sequence(self, prompt, params: SamplingParams, cache: KVCache | None = None) -> Sequence:
-        """A request ready to run. `cache` may already hold a prefix of the prompt (chat turns)."""
+    def new_sequence(self, prompt, params: SamplingParams, cache) -> Sequence:
+        """A request ready to run, its keys and values going to `cache` (an engine BlockTable,
+        or a contiguous KVCache)."""
         ids = self.prompt_ids(prompt)
         if params.stop and self.tokenizer is None:
             raise TokenizerMissingError("Stop strings")
-        if cache is None:
-            capacity = min(self.config.max_context, len(ids) + params.max_tokens)
-            cache = KVCache(self.config, capacity, self.ops, self.dtype)
         stop_strings = self.config.stop_strings if self.tokenizer else []
         return Sequence(ids, params, cache, self.tokenizer, self.eos_token_ids, self.config.max_context, stop_strings)
 
-    def run(self, sequences: list[Sequence]) -> Iterator[None]:
-        """Step all sequences to the end, yielding after each step (so callers can stream).
+    @property
+    def engine(self) -> LLMEngine:
+        """The serving engine behind generate, stream and chat, made on first use (its KV block
+        pool takes memory). Replace it to change its settings: llm.engine = LLMEngine(llm, config)."""
+        if self._engine is None:
+            self._engine = LLMEngine(self)
+        return self._engine
 
-        The first step prefills every prompt in one forward pass; each later step decodes one
-        token for every sequence still running, all in one forward pass."""
-        running = [s for s in sequences if not s.finished]
-        while running:
-            batch = ForwardBatch.build([s.tokens_to_feed() for s in running], [s.cache for s in running])
-            logits = self.model.forward(batch)  # [len(running), vocab]
-            for sequence, row in zip(running, logits):
-                seen = sequence.prompt_ids + sequence.output_ids
-                sequence.append(sample(row, sequence.params, sequence.rng, seen))
-            yield
-            running = [s for s in running if not s.finished]
+    @engine.setter
+    def engine(self, engine: LLMEngine):
+        self._engine = engine
 
     def generate(self, prompts, params: SamplingParams | None = None):
-        """Generate for one prompt (text or a list of token ids) or a list of them.
+        """Generate for one prompt (text or a list of token ids) or a list of them, all served
+        together by the engine (continuous batching).
 
         One prompt in gives one GenerationOutput; a list of prompts gives a list, in order."""
         params = params or SamplingParams()
         single = isinstance(prompts, str) or (len(prompts) > 0 and not isinstance(prompts[0], (str, list, tuple)))
-        batch = [prompts] if single else list(prompts)
-        sequences = [self.new_sequence(p, params) for p in batch]
-        for _ in self.run(sequences):
-            pass
-        outputs = [s.output(self.tokenizer is not None) for s in sequences]
-        return outputs[0] if single else outputs
+        request_ids = []
+        try:
+            for prompt in [prompts] if single else prompts:
+                request_ids.append(self.engine.add_request(prompt, params))
+        except Exception:
+            for request_id in request_ids:  # a bad prompt in the list: the others do not run
+                self.engine.abort(request_id)
+            raise
+        outputs = {}
+        while len(outputs) < len(request_ids):
+            for update in self.engine.step():
+                if update.finished:
+                    outputs[update.request_id] = update.output
+        results = [outputs[i] for i in request_ids]
+        return results[0] if single else results
 
     def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[str]:
         """Yield the continuation of one prompt as text pieces, as soon as they are decoded."""
         if self.tokenizer is None:
             raise TokenizerMissingError("Streaming text")
-        sequence = self.new_sequence(prompt, params or SamplingParams())
-        yield from self.stream_sequence(sequence)
+        yield from self.stream_request(self.engine.add_request(prompt, params or SamplingParams()))
 
-    def stream_sequence(self, sequence: Sequence) -> Iterator[str]:
-        for _ in self.run([sequence]):
-            piece = sequence.take_new_text()
-            if piece:
-                yield piece
+    def stream_request(self, request_id: int) -> Iterator[str]:
+        """Step the engine, yielding the text pieces of one request until it is done. Stopping
+        early (closing the generator, Ctrl-C) aborts the request."""
+        try:
+            while True:
+                for update in self.engine.step():
+                    if update.request_id != request_id:
+                        continue
+                    if update.new_text:
+                        yield update.new_text
+                    if update.finished:
+                        return
+        finally:
+            self.engine.abort(request_id)  # a no-op once it has finished
 
     # ---- scoring -------------------------------------------------------------------------
     def logits(self, token_ids: list[int]) -> np.ndarray:

@@ -19,7 +19,7 @@ def forward_costs(llm, token_ids: list[int]) -> dict[str, dict[str, OpCost]]:
     backend), so the shapes are exactly those of generation."""
     counter = CostCounter(llm.ops)
     model = Transformer(llm.config, llm.model.weights, counter, llm.dtype)
-    cache = KVCache(llm.config, len(token_ids) + 1, llm.ops, llm.dtype)
+    cache = KVCache(llm.config, len(token_ids) + 1, counter, llm.dtype)  # its attention is counted too
     model.forward(ForwardBatch.build([list(token_ids)], [cache]))
     prefill, counter.totals = counter.totals, {}
     model.forward(ForwardBatch.build([[int(token_ids[-1])]], [cache]))

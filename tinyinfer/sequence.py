@@ -13,7 +13,9 @@ from tinyinfer.sampling import SamplingParams
 class Sequence:
     def __init__(self, prompt_ids: list[int], params: SamplingParams, cache: KVCache, tokenizer, eos_token_ids,
                  max_context: int, model_stop_strings=()):
+        self.request_id: int | None = None  # given by the engine
         self.prompt_ids = list(prompt_ids)
+        self.num_cached_tokens = 0  # prompt tokens whose KV came from the prefix cache
         self.output_ids: list[int] = []
         self.params = params
         self.cache = cache
@@ -26,7 +28,7 @@ class Sequence:
         self.detokenizer = IncrementalDetokenizer(tokenizer, self.prompt_ids) if tokenizer else None
         self.text = ""  # the decoded output, cut before a stop string when one appears
         self.streamed = 0  # characters of text already handed to the caller
-        self.finish_reason: str | None = None  # "stop" (EOS, stop token or string) or "length"
+        self.finish_reason: str | None = None  # "stop" (EOS, stop token or string), "length" or "abort"
         self.start_time = time.perf_counter()
         self.token_times: list[float] = []
 
@@ -34,11 +36,19 @@ class Sequence:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    @property
+    def token_ids(self) -> list[int]:
+        """Every token so far: the prompt, then the output."""
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
     def tokens_to_feed(self) -> list[int]:
         """The tokens the next forward pass must run: the uncached part of the prompt at first
         (prefill), then the one token sampled last (decode)."""
-        all_ids = self.prompt_ids + self.output_ids
-        return all_ids[self.cache.length :]
+        return self.token_ids[self.cache.length :]
 
     def append(self, token_id: int):
         """Record a sampled token and decide whether the sequence is done."""

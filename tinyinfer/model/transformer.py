@@ -55,6 +55,8 @@ class Transformer:
 
         The q, k, v projections run on the whole batch at once (one matrix product each); only
         the attention itself is per sequence, because each sequence attends to its own past.
+        The cache calls the attention op that fits its layout: `ops.attention` on a contiguous
+        KVCache, `ops.paged_attention` through a paged BlockTable.
         """
         config, ops = self.config, self.ops
         tokens = h.shape[0]
@@ -72,8 +74,7 @@ class Transformer:
         for chunk in batch.chunks:
             rows = slice(row, row + chunk.num_new)
             chunk.cache.write(layer_index, chunk.start, k[rows], v[rows])
-            keys, values = chunk.cache.read(layer_index, chunk.start + chunk.num_new)
-            out[rows] = ops.attention(q[rows], keys, values, chunk.start)
+            out[rows] = chunk.cache.attention(layer_index, q[rows], chunk.start)
             row += chunk.num_new
         return ops.matmul(out.reshape(tokens, config.num_heads * config.head_dim), layer.wo)
 

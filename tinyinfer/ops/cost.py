@@ -66,12 +66,22 @@ def rotary_cost(x, cos, sin) -> OpCost:
     return OpCost(3 * x.size, _bytes(x, cos, sin), _bytes(x), 1)  # per pair: 4 mul + 2 add
 
 
-def attention_cost(q, k, v, start_pos) -> OpCost:
+def _attention_flops(q, start_pos) -> int:
     """Each query i (at position start_pos + i) scores and mixes start_pos + i + 1 keys."""
     new_tokens, num_heads, head_dim = q.shape
     pairs = new_tokens * start_pos + new_tokens * (new_tokens + 1) // 2  # causal (query, key) pairs
-    flops = num_heads * pairs * (4 * head_dim + 3)  # q.k and p*v (2 FLOPs each per dim), softmax
-    return OpCost(flops, _bytes(q, k, v), _bytes(q), 1)
+    return num_heads * pairs * (4 * head_dim + 3)  # q.k and p*v (2 FLOPs each per dim), softmax
+
+
+def attention_cost(q, k, v, start_pos) -> OpCost:
+    return OpCost(_attention_flops(q, start_pos), _bytes(q, k, v), _bytes(q), 1)
+
+
+def paged_attention_cost(q, key_pool, value_pool, block_table, start_pos) -> OpCost:
+    """As attention_cost, reading only this sequence's tokens of the pools (and its table)."""
+    context = start_pos + q.shape[0]
+    token_bytes = int(np.prod(key_pool.shape[2:])) * _item(key_pool)  # one token's keys (or values)
+    return OpCost(_attention_flops(q, start_pos), _bytes(q, block_table) + 2 * context * token_bytes, _bytes(q), 1)
 
 
 def silu_mul_cost(gate, up) -> OpCost:
@@ -88,6 +98,7 @@ COSTS = {
     "rms_norm": rms_norm_cost,
     "rotary": rotary_cost,
     "attention": attention_cost,
+    "paged_attention": paged_attention_cost,
     "silu_mul": silu_mul_cost,
     "softmax": softmax_cost,
 }
@@ -128,6 +139,9 @@ class CostCounter:
 
     def attention(self, q, k, v, start_pos):
         return self._run("attention", q, k, v, start_pos)
+
+    def paged_attention(self, q, key_pool, value_pool, block_table, start_pos):
+        return self._run("paged_attention", q, key_pool, value_pool, block_table, start_pos)
 
     def silu_mul(self, gate, up):
         return self._run("silu_mul", gate, up)

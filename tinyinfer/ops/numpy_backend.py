@@ -114,6 +114,22 @@ class NumpyBackend:
         out = self.softmax(scores) @ values  # [kv_heads, group, new_tokens, head_dim]
         return out.transpose(2, 0, 1, 3).reshape(new_tokens, num_heads, head_dim)
 
+    def paged_attention(self, q: np.ndarray, key_pool: np.ndarray, value_pool: np.ndarray,
+                        block_table: np.ndarray, start_pos: int) -> np.ndarray:
+        """The same attention, with the sequence's keys and values kept in blocks of a pool.
+
+        q: [new_tokens, num_heads, head_dim]; key_pool, value_pool: [num_blocks, block_size,
+        num_kv_heads, head_dim], shared by every sequence; block_table: [blocks of this
+        sequence] int, its blocks in order. Gathering the blocks gives back the contiguous
+        [start_pos + new_tokens, num_kv_heads, head_dim] keys and values; a fast kernel reads
+        them in place instead of copying.
+        """
+        context = start_pos + q.shape[0]
+        _, block_size, num_kv_heads, head_dim = key_pool.shape
+        keys = key_pool[block_table].reshape(-1, num_kv_heads, head_dim)[:context]
+        values = value_pool[block_table].reshape(-1, num_kv_heads, head_dim)[:context]
+        return self.attention(q, keys, values, start_pos)
+
     def silu_mul(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         """SwiGLU's gating: silu(gate) * up, elementwise. gate, up: [tokens, hidden].
 

@@ -1,0 +1,163 @@
+"""The serving engine: many requests, one forward pass per step (continuous batching).
+
+    engine = LLMEngine(llm)
+    a = engine.add_request("ROMEO.", SamplingParams(max_tokens=40))
+    b = engine.add_request("JULIET.", SamplingParams(max_tokens=40, temperature=0.8, seed=1))
+    while engine.has_unfinished():
+        for update in engine.step():      # one forward pass over every scheduled sequence
+            print(update.request_id, update.new_text)
+
+Each step the scheduler picks the work (decode tokens and prefill chunks, within the token
+budget and the free KV blocks), the model runs it as one batch, and every sequence whose
+prompt is fully computed samples its next token. Finished requests leave at once; waiting ones
+join the next step. The KV cache is paged (tinyinfer/engine/paged_cache.py) and full blocks are
+shared between requests with the same prefix.
+"""
+
+import time
+from dataclasses import dataclass, field
+
+from tinyinfer.engine.block_manager import BlockManager
+from tinyinfer.engine.paged_cache import BlockTable, PagedKVPool
+from tinyinfer.engine.scheduler import Scheduler, SchedulerConfig
+from tinyinfer.errors import KVCacheTooSmallError
+from tinyinfer.model.batch import ForwardBatch
+from tinyinfer.outputs import GenerationOutput
+from tinyinfer.sampling import SamplingParams, sample
+from tinyinfer.sequence import Sequence
+
+
+@dataclass
+class EngineConfig:
+    block_size: int = 16  # tokens per KV block
+    num_blocks: int | None = None  # None: room for max_num_seqs full contexts, within kv_cache_bytes
+    kv_cache_bytes: int = 256 * 2**20  # the most memory the KV pool may take when num_blocks is None
+    max_num_seqs: int = 16  # sequences in one forward pass at most
+    max_num_batched_tokens: int = 512  # tokens in one forward pass at most
+    prefix_caching: bool = True
+
+
+@dataclass
+class RequestUpdate:
+    """What one step did for one request."""
+
+    request_id: int
+    new_token_ids: list[int]
+    new_text: str | None  # None without a tokenizer
+    finished: bool
+    output: GenerationOutput | None = None  # the whole result, once finished
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    prefill_tokens: int = 0  # prompt tokens computed (prefix-cache hits are not)
+    decode_tokens: int = 0  # tokens generated
+    preemptions: int = 0
+    max_blocks_in_use: int = 0
+    busy_seconds: float = 0.0  # time spent inside step()
+    batch_sizes: list[int] = field(default_factory=list)  # sequences per step
+
+    def summary(self, block_manager: BlockManager) -> dict:
+        return {
+            "steps": self.steps,
+            "prefill_tokens": self.prefill_tokens,
+            "generated_tokens": self.decode_tokens,
+            "output_tokens_per_s": self.decode_tokens / self.busy_seconds if self.busy_seconds else 0.0,
+            "preemptions": self.preemptions,
+            "max_blocks_in_use": self.max_blocks_in_use,
+            "prefix_cache_hit_rate": block_manager.hit_rate,
+        }
+
+
+class LLMEngine:
+    def __init__(self, llm, config: EngineConfig | None = None):
+        self.llm = llm
+        self.config = config = config or EngineConfig()
+        num_blocks = config.num_blocks or self._default_num_blocks()
+        self.pool = PagedKVPool(llm.config, num_blocks, config.block_size, llm.ops, llm.dtype)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.prefix_caching)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.block_manager)
+        self.sequences: dict[int, Sequence] = {}  # live requests by id
+        self.next_request_id = 0
+        self.stats = EngineStats()
+
+    def _default_num_blocks(self) -> int:
+        c = self.llm.config
+        bytes_per_block = 2 * c.num_layers * self.config.block_size * c.num_kv_heads * c.head_dim * self.llm.dtype.itemsize
+        wanted = self.config.max_num_seqs * -(-c.max_context // self.config.block_size)
+        return max(1, min(wanted, self.config.kv_cache_bytes // bytes_per_block))
+
+    # ---- requests ------------------------------------------------------------------------
+    def add_request(self, prompt, params: SamplingParams | None = None) -> int:
+        """Queue a prompt (text or token ids); returns its request id."""
+        params = params or SamplingParams()
+        sequence = self.llm.new_sequence(prompt, params, BlockTable(self.pool, self.llm.ops))
+        longest = min(sequence.num_tokens + params.max_tokens, self.llm.config.max_context)
+        needed = self.block_manager.blocks_for(longest)
+        if needed > self.pool.num_blocks:
+            raise KVCacheTooSmallError(
+                f"this request needs up to {longest} tokens ({sequence.num_tokens} prompt + {params.max_tokens} "
+                f"new), {needed} KV blocks of {self.config.block_size}, but the KV cache has only "
+                f"{self.pool.num_blocks} blocks; lower max_tokens or give the engine more blocks "
+                "(EngineConfig(num_blocks=...) or kv_cache_bytes)"
+            )
+        request_id = self.next_request_id
+        self.next_request_id += 1
+        sequence.request_id = request_id
+        self.sequences[request_id] = sequence
+        self.scheduler.add(sequence)
+        return request_id
+
+    def abort(self, request_id: int):
+        """Stop a request now; its blocks go back to the pool. Unknown or finished ids are ignored."""
+        sequence = self.sequences.pop(request_id, None)
+        if sequence is not None:
+            sequence.finish_reason = "abort"
+            self.scheduler.finish(sequence)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the step loop -------------------------------------------------------------------
+    def step(self) -> list[RequestUpdate]:
+        """Run one forward pass over the scheduled work; report each request that got a token."""
+        start = time.perf_counter()
+        preemptions_before = self.scheduler.num_preemptions
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return []
+        batch = ForwardBatch.build(
+            [sequence.tokens_to_feed()[:num_new] for sequence, num_new in scheduled],
+            [sequence.cache for sequence, _ in scheduled],
+        )
+        # a decode step feeds the one token sampled last; everything else is (re)computing a prompt
+        self.stats.prefill_tokens += sum(n for seq, n in scheduled if not (n == 1 and seq.output_ids))
+        logits = self.llm.model.forward(batch)  # [len(scheduled), vocab]: each sequence's last new token
+
+        updates = []
+        for (sequence, num_new), row in zip(scheduled, logits):
+            self.block_manager.register_full_blocks(sequence.cache, sequence.token_ids)
+            if sequence.cache.length < sequence.num_tokens:
+                continue  # a prompt chunk: the prompt's last token has not been computed yet
+            sequence.append(sample(row, sequence.params, sequence.rng, sequence.token_ids))
+            self.stats.decode_tokens += 1
+            updates.append(self._update(sequence))
+
+        self.stats.steps += 1
+        self.stats.batch_sizes.append(len(scheduled))
+        self.stats.preemptions += self.scheduler.num_preemptions - preemptions_before
+        in_use = self.pool.num_blocks - self.block_manager.num_free
+        self.stats.max_blocks_in_use = max(self.stats.max_blocks_in_use, in_use)
+        self.stats.busy_seconds += time.perf_counter() - start
+        return updates
+
+    def _update(self, sequence: Sequence) -> RequestUpdate:
+        has_text = self.llm.tokenizer is not None
+        update = RequestUpdate(sequence.request_id, sequence.output_ids[-1:], sequence.take_new_text() if has_text else None,
+                               sequence.finished)
+        if sequence.finished:
+            self.scheduler.finish(sequence)
+            del self.sequences[sequence.request_id]
+            update.output = sequence.output(has_text)
+        return update
