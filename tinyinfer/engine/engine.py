@@ -126,6 +126,9 @@ class LLMEngine:
         preemptions_before = self.scheduler.num_preemptions
         scheduled = self.scheduler.schedule()
         if not scheduled:
+            if self.has_unfinished():  # cannot happen while blocks are accounted for; never hang on it
+                raise RuntimeError(f"the engine cannot make progress: {len(self.scheduler.waiting)} requests wait, "
+                                   f"{self.block_manager.num_free} KV blocks are free and nothing runs")
             return []
         batch = ForwardBatch.build(
             [sequence.tokens_to_feed()[:num_new] for sequence, num_new in scheduled],
