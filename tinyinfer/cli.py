@@ -1,6 +1,7 @@
-"""The `tinyinfer` command: generate, chat, info, bench, eval."""
+"""The `tinyinfer` command: generate, chat, batch, info, bench, eval."""
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -8,8 +9,10 @@ from pathlib import Path
 import numpy as np
 
 import tinyinfer
+from tinyinfer.batch_file import run_batch_file
 from tinyinfer.bench import RANDOM_SHAPES, random_model, run_bench
 from tinyinfer.chat import ChatSession
+from tinyinfer.engine import EngineConfig, LLMEngine
 from tinyinfer.llm import COMPUTE_DTYPES, LLM
 from tinyinfer.ops import BACKENDS, get_backend
 from tinyinfer.quantize import WEIGHT_FORMATS, store_weights
@@ -182,6 +185,20 @@ def cmd_eval(args):
     print(f"mean loss {result.mean_loss:.4f} nats/token, perplexity {result.perplexity:.2f}")
 
 
+def cmd_batch(args):
+    llm = load_model(args)
+    llm.engine = LLMEngine(llm, EngineConfig(max_num_seqs=args.max_num_seqs))
+    defaults = dataclasses.asdict(sampling_params(args))
+    report = run_batch_file(llm, Path(args.input), Path(args.out), defaults)
+    for record in report["errors"].values():
+        print(f"tinyinfer: {args.input} line {record['line']}: {record['error']}", file=sys.stderr)
+    seconds = report["seconds"]
+    print(f"{report['run']} requests run, {len(report['errors'])} bad lines, {report['skipped']} already done; "
+          f"{report['generated_tokens']} tokens in {seconds:.1f} s ({report['generated_tokens'] / seconds:.1f} tokens/s) "
+          f"-> {args.out}")
+    return 1 if report["errors"] else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tinyinfer", description="A teaching inference engine for transformer LMs.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -216,6 +233,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("-r", "--repetitions", type=int, default=5)
     bench.set_defaults(run=cmd_bench)
 
+    batch = commands.add_parser("batch", help="offline batch inference: a JSONL file of requests in, results out")
+    add_model_arguments(batch)
+    add_sampling_arguments(batch, temperature=1.0)
+    batch.add_argument("input", help='JSONL, one request per line: {"prompt": ...} or {"messages": [...]}, '
+                                     'optional "id" and sampling settings such as "max_tokens"')
+    batch.add_argument("--out", required=True, help="JSONL results, in input order; lines already there are skipped")
+    batch.add_argument("--max-num-seqs", type=int, default=16, help="requests served together at most")
+    batch.set_defaults(run=cmd_batch)
+
     evaluate = commands.add_parser("eval", help="perplexity of a text file (mean next-token loss)")
     add_model_arguments(evaluate)
     evaluate.add_argument("file", help="a UTF-8 text file")
@@ -228,14 +254,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
+        code = args.run(args)
     except (ValueError, RuntimeError, OSError) as e:  # bad input: say what, not a traceback
         print(f"tinyinfer: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":
