@@ -67,6 +67,13 @@ def test_bench_prints_a_row_per_weight_format_with_prefill_and_decode(tiny_model
     assert float(cells[1][5].split()[0]) < float(cells[0][5].split()[0]) / 2  # int8 reads fewer bytes per token
 
 
+def test_bench_batch_prints_throughput_per_batch_size(tiny_model_dir, capsys):
+    assert main(["bench", "--model", str(tiny_model_dir), "--batch", "1,3", "-p", "4", "-n", "5"]) == 0
+    rows = [[c.strip() for c in row.strip("|").split("|")] for row in capsys.readouterr().out.strip().splitlines()[2:]]
+    assert [row[3] for row in rows] == ["1", "3"] and rows[0][7] == "1.00"
+    assert all(float(row[4]) > 0 and row[5].endswith(" ms") for row in rows)
+
+
 def test_generate_with_int8_weights(capsys):
     assert main(["generate", "ROMEO.", "--temperature", "0", "--weights", "int8"]) == 0
     assert capsys.readouterr().out.startswith("ROMEO.\n")

@@ -10,7 +10,7 @@ import numpy as np
 
 import tinyinfer
 from tinyinfer.batch_file import run_batch_file
-from tinyinfer.bench import RANDOM_SHAPES, random_model, run_bench
+from tinyinfer.bench import RANDOM_SHAPES, plot_batch_bench, random_model, run_batch_bench, run_bench
 from tinyinfer.chat import ChatSession
 from tinyinfer.engine import EngineConfig, LLMEngine
 from tinyinfer.llm import COMPUTE_DTYPES, LLM
@@ -150,30 +150,56 @@ def cmd_info(args):
         print(f"{name:>16}: {value}")
 
 
-def cmd_bench(args):
-    """One table row per (backend, weight format), all measured in this one run."""
-    print(f"| model | backend | weights | pp{args.prompt_tokens} tok/s | tg{args.new_tokens} tok/s | "
-          "weights read/token | read bandwidth | decode bound tok/s | tg / bound |")
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+def bench_models(args):
+    """(name, LLM) for every backend and weight format the bench was asked for."""
     dtype = COMPUTE_DTYPES[args.dtype]
     for weight_format in args.weights.split(","):
         for backend in args.backend.split(","):
             if args.random:
                 config, weights = random_model(args.random, dtype)
-                weights = store_weights(weights, weight_format)
-                llm = LLM(config, weights, None, get_backend(backend), dtype, Path(args.random))
-                name = f"random {args.random}"
+                llm = LLM(config, store_weights(weights, weight_format), None, get_backend(backend), dtype, Path(args.random))
+                yield f"random {args.random}", weight_format, llm
             else:
                 llm = tinyinfer.load(args.model, backend=backend, dtype=args.dtype, weights=weight_format)
-                name = llm.path.name
-            r = run_bench(llm, args.prompt_tokens, args.new_tokens, args.repetitions)
-            print(
-                f"| {name} | {backend} | {weight_format} | {r['prefill_tokens_per_s']:.1f} | "
-                f"{r['decode_tokens_per_s']:.1f} | {r['weight_mb_per_token']:.1f} MB | "
-                f"{r['bandwidth_gb_per_s']:.1f} GB/s | {r['decode_bound_tokens_per_s']:.1f} | "
-                f"{r['decode_fraction_of_bound']:.0%} |",
-                flush=True,
-            )
+                yield llm.path.name, weight_format, llm
+
+
+def cmd_bench_batch(args):
+    """Output throughput and per-token latency for each batch size, served by the engine."""
+    sizes = [int(b) for b in args.batch.split(",")]
+    print("| model | backend | weights | batch | output tok/s | median time/token | median first token | x batch 1 |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    rows = []
+    for name, weight_format, llm in bench_models(args):
+        first = None
+        for size in sizes:
+            r = run_batch_bench(llm, size, args.prompt_tokens, args.new_tokens)
+            first = first or r["output_tokens_per_s"]
+            print(f"| {name} | {llm.ops.name} | {weight_format} | {size} | {r['output_tokens_per_s']:.1f} | "
+                  f"{r['median_time_per_output_token_ms']:.1f} ms | {r['median_time_to_first_token_ms']:.0f} ms | "
+                  f"{r['output_tokens_per_s'] / first:.2f} |", flush=True)
+            rows.append(r | {"label": f"{name}, {llm.ops.name}, {weight_format}"})
+    if args.plot:
+        plot_batch_bench(rows, args.plot)
+        print(f"plot: {args.plot}")
+
+
+def cmd_bench(args):
+    """One table row per (backend, weight format), all measured in this one run."""
+    if args.batch:
+        return cmd_bench_batch(args)
+    print(f"| model | backend | weights | pp{args.prompt_tokens} tok/s | tg{args.new_tokens} tok/s | "
+          "weights read/token | read bandwidth | decode bound tok/s | tg / bound |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, weight_format, llm in bench_models(args):
+        r = run_bench(llm, args.prompt_tokens, args.new_tokens, args.repetitions)
+        print(
+            f"| {name} | {llm.ops.name} | {weight_format} | {r['prefill_tokens_per_s']:.1f} | "
+            f"{r['decode_tokens_per_s']:.1f} | {r['weight_mb_per_token']:.1f} MB | "
+            f"{r['bandwidth_gb_per_s']:.1f} GB/s | {r['decode_bound_tokens_per_s']:.1f} | "
+            f"{r['decode_fraction_of_bound']:.0%} |",
+            flush=True,
+        )
 
 
 def cmd_eval(args):
@@ -231,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("-p", "--prompt-tokens", type=int, default=128)
     bench.add_argument("-n", "--new-tokens", type=int, default=128)
     bench.add_argument("-r", "--repetitions", type=int, default=5)
+    bench.add_argument("--batch", help="batch sizes, e.g. 1,4,16,64: serve that many requests at once through the "
+                                       "engine (prompts of -p tokens, -n new tokens each) and report throughput")
+    bench.add_argument("--plot", help="with --batch: save throughput against latency as this PNG (needs matplotlib)")
     bench.set_defaults(run=cmd_bench)
 
     batch = commands.add_parser("batch", help="offline batch inference: a JSONL file of requests in, results out")
