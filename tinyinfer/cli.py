@@ -6,7 +6,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 import tinyinfer
 from tinyinfer.batch_file import run_batch_file

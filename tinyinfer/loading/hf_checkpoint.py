@@ -8,7 +8,6 @@ shape; anything missing, extra or mis-shaped is reported all at once, by name.
 import json
 from pathlib import Path
 
-import numpy as np
 
 from tinyinfer.config import ModelConfig
 from tinyinfer.errors import CheckpointError
