@@ -1,0 +1,194 @@
+"""The Numba backend: the op interface run by the compiled CPU kernels of numba_kernels.py.
+
+Arrays stay plain NumPy arrays on the host, so moving them (`to_device`, `to_numpy`, `zeros`)
+is inherited from the NumPy reference. Each op checks its inputs, allocates the output and
+calls a kernel. Numba has no float16 arithmetic, so float16 compute (and any mix of dtypes
+the kernels were not compiled for) falls back to the reference, which defines the answer.
+"""
+
+import sys
+
+import numpy as np
+from numba.core import event
+
+from tinyinfer.ops.numpy_backend import NumpyBackend
+from tinyinfer.quantize import BLOCK, Q8Weight, quantize_q8_0
+
+from . import numba_kernels as kernels
+
+KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+# the kernels called from Python; compiled once per process by `compile_kernels`
+ENTRY_POINTS = (kernels.matvec, kernels.matvec_f16, kernels.matvec_q8, kernels.gemm, kernels.gemm_f16,
+                kernels.gemm_q8, kernels.embedding, kernels.rms_norm, kernels.rotary, kernels.attention,
+                kernels.silu_mul, kernels.softmax)
+
+
+class NumbaBackend(NumpyBackend):
+    """The op interface on the CPU cores; gives the reference's numbers (see the tests)."""
+
+    name = "numba"
+
+    def __init__(self):
+        compile_kernels(self)
+
+    # ---- the ops -------------------------------------------------------------------------
+    def embedding(self, token_ids: np.ndarray, table: np.ndarray) -> np.ndarray:
+        """token_ids: [tokens] int, table: [vocab, dim] -> [tokens, dim]: one row per token."""
+        if table.dtype not in KERNEL_DTYPES:
+            return super().embedding(token_ids, table)
+        ids = np.asarray(token_ids, dtype=np.int64)
+        out = np.empty((ids.size, table.shape[1]), table.dtype)
+        kernels.embedding(ids.reshape(-1), np.ascontiguousarray(table), out)
+        return out.reshape(*ids.shape, table.shape[1])
+
+    def matmul(self, x: np.ndarray, w, bias: np.ndarray | None = None) -> np.ndarray:
+        """x: [tokens, in], w: [out, in] (x's dtype or float16) or Q8Weight -> [tokens, out].
+        Fewer than 4 token rows is decode (matvec kernels), more is prefill (gemm kernels)."""
+        if isinstance(w, Q8Weight):
+            return self.quantized_matmul(x, w, bias)
+        if x.dtype not in KERNEL_DTYPES or w.dtype not in (x.dtype, np.float16):
+            return super().matmul(x, w, bias)
+        rows, out = _rows_and_output(x, w.shape)
+        w = np.ascontiguousarray(w)
+        decode = rows.shape[0] < kernels.TILE
+        if w.dtype == np.float16:
+            (kernels.matvec_f16 if decode else kernels.gemm_f16)(rows, w.view(np.uint16), out)
+        else:
+            (kernels.matvec if decode else kernels.gemm)(rows, w, out)
+        return _finish(out, x, bias)
+
+    def quantized_matmul(self, x: np.ndarray, w: Q8Weight, bias: np.ndarray | None = None) -> np.ndarray:
+        """x: [tokens, in] times int8 blocks w (values [out, in], scales [out, in // 32]) ->
+        [tokens, out], without ever rebuilding the whole float matrix."""
+        if x.dtype not in KERNEL_DTYPES:
+            return super().quantized_matmul(x, w, bias)
+        rows, out = _rows_and_output(x, w.shape)
+        values, scales = np.ascontiguousarray(w.values), np.ascontiguousarray(w.scales, dtype=np.float32)
+        decode = rows.shape[0] < kernels.TILE
+        (kernels.matvec_q8 if decode else kernels.gemm_q8)(rows, values, scales, out)
+        return _finish(out, x, bias)
+
+    def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+        """RMSNorm over the last axis. x: [..., dim], weight: [dim] -> [..., dim]."""
+        if x.dtype not in KERNEL_DTYPES:
+            return super().rms_norm(x, weight, eps)
+        rows = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
+        out = np.empty_like(rows)
+        kernels.rms_norm(rows, np.ascontiguousarray(weight, dtype=x.dtype), float(eps), out)
+        return out.reshape(x.shape)
+
+    def rotary(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        """x: [tokens, heads, head_dim]; cos, sin: [tokens, head_dim // 2] -> like x."""
+        if x.dtype not in KERNEL_DTYPES or not x.dtype == cos.dtype == sin.dtype:
+            return super().rotary(x, cos, sin)
+        x = np.ascontiguousarray(x)
+        out = np.empty_like(x)
+        kernels.rotary(x, np.ascontiguousarray(cos), np.ascontiguousarray(sin), out)
+        return out
+
+    def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int) -> np.ndarray:
+        """q: [new_tokens, num_heads, head_dim]; k, v: [start_pos + new_tokens, num_kv_heads,
+        head_dim] -> [new_tokens, num_heads, head_dim] in q's dtype. Causal, grouped-query."""
+        if q.dtype not in KERNEL_DTYPES or not q.dtype == k.dtype == v.dtype:
+            return super().attention(q, k, v, start_pos)
+        if k.shape[0] != start_pos + q.shape[0] or q.shape[1] % k.shape[1]:
+            raise ValueError(f"attention: {q.shape[0]} queries from position {start_pos} with {q.shape[1]} heads "
+                             f"need {start_pos + q.shape[0]} keys in a divisor of that many heads, got {k.shape}")
+        q = np.ascontiguousarray(q)
+        out = np.empty_like(q)
+        kernels.attention(q, np.ascontiguousarray(k), np.ascontiguousarray(v), int(start_pos), out)
+        return out
+
+    def silu_mul(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        """silu(gate) * up, elementwise. gate, up: [tokens, hidden]."""
+        if gate.dtype not in KERNEL_DTYPES or gate.dtype != up.dtype or gate.shape != up.shape:
+            return super().silu_mul(gate, up)
+        out = np.empty(gate.shape, gate.dtype)
+        kernels.silu_mul(np.ascontiguousarray(gate).reshape(-1), np.ascontiguousarray(up).reshape(-1), out.reshape(-1))
+        return out
+
+    def softmax(self, x: np.ndarray) -> np.ndarray:
+        """Softmax over the last axis, shifted by the max so exp cannot overflow."""
+        if x.dtype not in KERNEL_DTYPES:
+            return super().softmax(x)
+        rows = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
+        out = np.empty_like(rows)
+        kernels.softmax(rows, out)
+        return out.reshape(x.shape)
+
+
+# ---- helpers -----------------------------------------------------------------------------------
+def _rows_and_output(x: np.ndarray, w_shape) -> tuple[np.ndarray, np.ndarray]:
+    """x: [..., in] -> its rows as one contiguous [tokens, in] array, and an empty
+    [tokens, out] output of x's dtype. The kernels trust the shapes, so they are checked here."""
+    if x.shape[-1] != w_shape[1]:
+        raise ValueError(f"matmul: x has {x.shape[-1]} features but the weight [out, in] is {tuple(w_shape)}")
+    rows = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
+    return rows, np.empty((rows.shape[0], w_shape[0]), x.dtype)
+
+
+def _finish(out: np.ndarray, x: np.ndarray, bias) -> np.ndarray:
+    """[tokens, out] -> [..., out] shaped like x, plus the bias (as the reference adds it)."""
+    out = out.reshape(*x.shape[:-1], out.shape[-1])
+    return out if bias is None else out + bias
+
+
+# ---- compiling ---------------------------------------------------------------------------------
+class _CompileNotice(event.Listener):
+    """Says on stderr, once, that Numba is really compiling (loading its cache fires no event)."""
+
+    def __init__(self):
+        self.said = False
+
+    def on_start(self, event):
+        if not self.said:
+            print("tinyinfer: compiling Numba kernels (once; cached for later runs)…", file=sys.stderr, flush=True)
+            self.said = True
+
+    def on_end(self, event):
+        pass
+
+
+def compile_kernels(backend: NumbaBackend):
+    """Compile every kernel for float32 and float64, once per process, by running each op on
+    tiny read-only inputs. Numba loads them from its disk cache when it can; a real compile
+    (the first run, or after the kernels change) takes a while, so it is announced.
+
+    Compiling is then switched off. Numba would otherwise compile a new version for any new
+    combination of argument types (a writable weight where a read-only one was seen, say),
+    silently, in the middle of a generation; now every call uses these versions (a writable
+    array is accepted where a read-only one was compiled) or fails loudly."""
+    global _compiled
+    if _compiled:
+        return
+    with event.install_listener("numba:compile", _CompileNotice()):
+        for dtype in KERNEL_DTYPES:
+            _run_every_op(backend, dtype)
+    for kernel in ENTRY_POINTS:
+        kernel.disable_compile()
+    _compiled = True
+
+
+_compiled = False
+
+
+def _run_every_op(ops: NumbaBackend, dtype):
+    def frozen(array, as_type=dtype):
+        array = np.array(array, dtype=as_type)  # a contiguous copy
+        array.flags.writeable = False
+        return array
+
+    rng = np.random.default_rng(0)
+    x = frozen(rng.standard_normal((kernels.TILE, BLOCK)))
+    w = rng.standard_normal((3, BLOCK))
+    q8 = quantize_q8_0(w)
+    for rows in (x[:1], x):  # decode, then prefill
+        for weight in (frozen(w), frozen(w, np.float16), Q8Weight(frozen(q8.values, np.int8), frozen(q8.scales, np.float32))):
+            ops.matmul(rows, weight)
+    q, kv = frozen(rng.standard_normal((2, 4, 2))), frozen(rng.standard_normal((2, 2, 2)))
+    ops.embedding(frozen([0, 2], np.int64), frozen(w))
+    ops.rms_norm(x, frozen(np.ones(BLOCK)), 1e-5)
+    ops.rotary(q, frozen(np.ones((2, 1))), frozen(np.zeros((2, 1))))
+    ops.attention(q, kv, kv, 0)
+    ops.silu_mul(x, x)
+    ops.softmax(x)

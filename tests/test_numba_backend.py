@@ -1,0 +1,239 @@
+"""The Numba backend against the NumPy reference: every op on random shapes and dtypes, then
+whole models against the golden outputs of transformers and against the NumPy backend."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tinyinfer
+from test_hf_parity import MODELS, golden
+from tinyinfer.kernels import numba_kernels
+from tinyinfer.kernels.numba_backend import _CompileNotice
+from tinyinfer.ops import get_backend
+from tinyinfer.quantize import BLOCK, dequantize, quantize_q8_0
+
+ops = get_backend("numba")
+reference = get_backend("numpy")
+
+DTYPES = st.sampled_from([np.float32, np.float64])
+SEEDS = st.integers(0, 2**16)
+# Rounding: the unit roundoff u (half the machine epsilon) of each dtype.
+U = {np.dtype(np.float32): 2.0**-24, np.dtype(np.float64): 2.0**-53}
+
+
+def random(rng, shape, dtype):
+    return rng.standard_normal(shape).astype(dtype)
+
+
+def assert_same_sum(ours, ref, x, w, extra=0.0):
+    """Both backends add the same in_features products, in different orders (SIMD lanes and
+    register tiles here, OpenBLAS's blocking there). Any order's rounding error is at most
+    in_features * u * sum|x_i * w_i|, so two orders differ by at most twice that: this bound,
+    element by element, is the tolerance, tight at every size. `extra` (in units of that sum)
+    covers rounding the two do not share (int8 blocks: where the scale is applied)."""
+    bound = (2 * (x.shape[-1] + 1) * U[x.dtype] + extra) * (np.abs(x) @ np.abs(w).T)
+    assert ours.dtype == ref.dtype and ours.shape == ref.shape
+    assert np.all(np.abs(ours - ref) <= bound), np.max(np.abs(ours - ref) - bound)
+
+
+# ---- matmul -------------------------------------------------------------------------------------
+# Fewer than 4 token rows take the decode kernels, more the prefill ones; more than 64 output
+# rows split into several panels; sizes that are not multiples of 4 leave ragged tiles.
+TOKENS = st.one_of(st.integers(1, 9), st.integers(60, 70))
+OUT_FEATURES = st.one_of(st.integers(1, 9), st.integers(60, 140))
+
+
+@settings(max_examples=40, deadline=None)
+@given(tokens=TOKENS, out_features=OUT_FEATURES, in_features=st.integers(1, 80), with_bias=st.booleans(),
+       dtype=DTYPES, seed=SEEDS)
+def test_matmul_matches_numpy(tokens, out_features, in_features, with_bias, dtype, seed):
+    rng = np.random.default_rng(seed)
+    x, w = random(rng, (tokens, in_features), dtype), random(rng, (out_features, in_features), dtype)
+    bias = random(rng, out_features, dtype) if with_bias else None
+    assert_same_sum(ops.matmul(x, w, bias), reference.matmul(x, w, bias), x, w)
+
+
+@settings(max_examples=30, deadline=None)
+@given(tokens=TOKENS, out_features=OUT_FEATURES, in_features=st.integers(1, 80), dtype=DTYPES, seed=SEEDS)
+def test_float16_stored_matmul_matches_numpy(tokens, out_features, in_features, dtype, seed):
+    """Widening float16 to float32 is exact in both backends: the same products, reordered."""
+    rng = np.random.default_rng(seed)
+    x, w = random(rng, (tokens, in_features), dtype), random(rng, (out_features, in_features), np.float16)
+    assert_same_sum(ops.matmul(x, w), reference.matmul(x, w), x, w.astype(dtype))
+
+
+@settings(max_examples=30, deadline=None)
+@given(tokens=TOKENS, out_features=OUT_FEATURES, blocks=st.integers(1, 4), dtype=DTYPES, seed=SEEDS)
+def test_int8_matmul_matches_numpy(tokens, out_features, blocks, dtype, seed):
+    """The reference multiplies x by value * scale rounded to float32; decode here sums
+    x * value over the block and multiplies the sum by the scale, and prefill rebuilds the
+    reference's very weights. Beyond the reordering, that is at most one float32 rounding
+    of each weight and one of each block sum: extra = 2 u(float32)."""
+    rng = np.random.default_rng(seed)
+    x = random(rng, (tokens, blocks * BLOCK), dtype)
+    w = quantize_q8_0(random(rng, (out_features, blocks * BLOCK), np.float32))
+    extra = 2 * U[np.dtype(np.float32)]
+    assert_same_sum(ops.matmul(x, w), reference.matmul(x, w), x, dequantize(w).astype(dtype), extra)
+
+
+def test_matmul_of_mismatched_shapes_is_an_error_in_both_backends():
+    x, w = np.ones((2, 3), np.float32), np.ones((4, 5), np.float32)
+    for backend in (ops, reference):
+        with pytest.raises(ValueError):
+            backend.matmul(x, w)
+
+
+# ---- attention ----------------------------------------------------------------------------------
+@settings(max_examples=40, deadline=None)
+@given(new_tokens=st.one_of(st.just(1), st.integers(2, 9)), start_pos=st.integers(0, 12), num_kv_heads=st.integers(1, 3),
+       group=st.sampled_from([1, 2, 4]), head_dim=st.sampled_from([2, 6, 8, 16]), dtype=DTYPES, seed=SEEDS)
+def test_attention_matches_numpy(new_tokens, start_pos, num_kv_heads, group, head_dim, dtype, seed):
+    """Decode (one new token), prefill (start_pos 0) and chunked prefill (several new tokens
+    after a cached past), grouped-query ratios 1, 2, 4. The reference works in float64 even
+    for float32 inputs (np.sqrt(head_dim) is a float64 scalar); here float32 inputs give
+    float32 scores and outputs, whose running sum over at most 21 keys, each rounded once,
+    stays within 1e-5 of values of size ~1."""
+    rng = np.random.default_rng(seed)
+    q = random(rng, (new_tokens, num_kv_heads * group, head_dim), dtype)
+    k, v = (random(rng, (start_pos + new_tokens, num_kv_heads, head_dim), dtype) for _ in range(2))
+    ours = ops.attention(q, k, v, start_pos)
+    assert ours.dtype == q.dtype
+    tolerance = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(ours, reference.attention(q, k, v, start_pos), rtol=tolerance, atol=tolerance)
+
+
+# ---- the elementwise and per-row ops -----------------------------------------------------------
+SHAPES = st.one_of(st.tuples(st.integers(1, 9), st.integers(1, 100)),
+                   st.tuples(st.integers(1, 5), st.integers(1, 4), st.integers(1, 33)))  # [tokens, heads, head_dim]
+
+
+@settings(max_examples=30, deadline=None)
+@given(shape=SHAPES, dtype=DTYPES, seed=SEEDS)
+def test_rms_norm_matches_numpy(shape, dtype, seed):
+    """A sum of at most 100 squares (all positive: relative error <= 100 u whatever the
+    order), a square root and three products: relative 1e-5 in float32, 1e-13 in float64."""
+    rng = np.random.default_rng(seed)
+    x, weight = random(rng, shape, dtype), random(rng, shape[-1], dtype)
+    ours, ref = ops.rms_norm(x, weight, 1e-5), reference.rms_norm(x, weight, 1e-5)
+    assert ours.dtype == ref.dtype
+    np.testing.assert_allclose(ours, ref, rtol=1e-5 if dtype == np.float32 else 1e-13)
+
+
+@settings(max_examples=20, deadline=None)
+@given(tokens=st.integers(1, 9), heads=st.integers(1, 4), half=st.integers(1, 16), dtype=DTYPES, seed=SEEDS)
+def test_rotary_matches_numpy_exactly(tokens, heads, half, dtype, seed):
+    """The same two products and one sum per output, without FMA: bit for bit the same."""
+    rng = np.random.default_rng(seed)
+    x = random(rng, (tokens, heads, 2 * half), dtype)
+    angles = random(rng, (tokens, half), np.float64)
+    cos, sin = np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
+    ours, ref = ops.rotary(x, cos, sin), reference.rotary(x, cos, sin)
+    assert ours.dtype == ref.dtype
+    np.testing.assert_array_equal(ours, ref)
+
+
+@settings(max_examples=20, deadline=None)
+@given(shape=SHAPES, dtype=DTYPES, seed=SEEDS)
+def test_silu_mul_matches_numpy(shape, dtype, seed):
+    """exp (libm here, NumPy's SIMD loops there, each within an ulp or two), a sum, a
+    quotient, a product: relative 1e-6 in float32 (about 16 ulps), 1e-14 in float64. Large
+    negative gates check that exp overflowing to inf still gives 0 (not NaN)."""
+    rng = np.random.default_rng(seed)
+    gate, up = random(rng, shape, dtype) * 30, random(rng, shape, dtype)
+    ours, ref = ops.silu_mul(gate, up), reference.silu_mul(gate, up)
+    assert ours.dtype == ref.dtype and not np.isnan(ours).any()
+    np.testing.assert_allclose(ours, ref, rtol=1e-6 if dtype == np.float32 else 1e-14, atol=1e-30)
+
+
+@settings(max_examples=20, deadline=None)
+@given(shape=SHAPES, dtype=DTYPES, seed=SEEDS)
+def test_softmax_matches_numpy(shape, dtype, seed):
+    """exp of each shifted value and a sum of at most 100 positive terms (relative error
+    <= 100 u in any order): relative 1e-5 in float32, 1e-13 in float64. Scaled by 100 so
+    that an unshifted exp would overflow."""
+    rng = np.random.default_rng(seed)
+    x = random(rng, shape, dtype) * 100
+    ours, ref = ops.softmax(x), reference.softmax(x)
+    assert ours.dtype == ref.dtype
+    np.testing.assert_allclose(ours, ref, rtol=1e-5 if dtype == np.float32 else 1e-13, atol=1e-300)
+
+
+def test_embedding_gathers_the_same_rows_and_rejects_ids_outside_the_vocabulary():
+    table = np.arange(12, dtype=np.float32).reshape(4, 3)
+    ids = np.array([3, 0, 3])
+    np.testing.assert_array_equal(ops.embedding(ids, table), reference.embedding(ids, table))
+    with pytest.raises(IndexError):
+        ops.embedding(np.array([4]), table)
+
+
+def test_float16_compute_falls_back_to_the_reference():
+    """Numba has no float16 arithmetic: float16 activations get the reference's very answer."""
+    rng = np.random.default_rng(0)
+    x, w = random(rng, (5, 64), np.float16), random(rng, (7, 64), np.float16)
+    q8 = quantize_q8_0(w.astype(np.float32))
+    for op, args in [("matmul", (x, w)), ("matmul", (x, q8)), ("rms_norm", (x, w[0], 1e-5)),
+                     ("silu_mul", (x, x)), ("softmax", (x,))]:
+        ours, ref = getattr(ops, op)(*args), getattr(reference, op)(*args)
+        assert ours.dtype == ref.dtype == np.float16
+        np.testing.assert_array_equal(ours, ref)
+
+
+# ---- compiling once ---------------------------------------------------------------------------------
+def test_kernels_are_compiled_once_and_never_again(capsys):
+    """After the first backend, a new one compiles nothing, and a kernel called with types it
+    was not compiled for fails loudly instead of compiling mid-generation."""
+    get_backend("numba")
+    assert capsys.readouterr().err == ""
+    x = np.ones((2, 4), np.float32)
+    with pytest.raises(TypeError):
+        numba_kernels.softmax(x[:, ::2], np.empty((2, 2), np.float32))  # a strided view: not compiled
+
+
+def test_the_compile_notice_is_one_line_however_many_functions_compile(capsys):
+    from numba import njit
+    from numba.core import event
+
+    with event.install_listener("numba:compile", _CompileNotice()):
+        njit(lambda a: a + 1)(1)
+        njit(lambda a: a * 2)(1.0)
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+# ---- whole models -------------------------------------------------------------------------------
+@pytest.fixture(scope="module", params=MODELS)
+def model_and_golden(request):
+    directory, expected = golden(request.param)
+    return tinyinfer.load(directory, backend="numba"), expected, np.load(directory / "golden_logits.npy")
+
+
+def test_logits_match_transformers(model_and_golden):
+    llm, expected, logits = model_and_golden
+    ours = llm.logits(expected["prompt_ids"] + expected["greedy_ids"])
+    assert np.abs(ours - logits).max() < 1e-4
+
+
+def test_greedy_tokens_match_transformers(model_and_golden):
+    llm, expected, _ = model_and_golden
+    params = tinyinfer.SamplingParams(temperature=0, max_tokens=len(expected["greedy_ids"]), ignore_eos=True)
+    assert llm.generate(expected["prompt"], params).token_ids == expected["greedy_ids"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("weights", ["float16", "int8"])
+def test_stored_weights_give_the_numpy_backends_logits(weights, dtype):
+    """The same stored weights on both backends: prefill and decode logits agree to float32."""
+    directory, expected = golden("qwen2")
+    ids = expected["prompt_ids"] + expected["greedy_ids"]
+    ours = tinyinfer.load(directory, backend="numba", weights=weights, dtype=dtype)
+    ref = tinyinfer.load(directory, weights=weights, dtype=dtype)
+    np.testing.assert_allclose(ours.logits(ids), ref.logits(ids), atol=1e-4)
+    params = tinyinfer.SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    assert ours.generate(expected["prompt"], params).token_ids == ref.generate(expected["prompt"], params).token_ids
+
+
+def test_the_bundled_model_writes_the_numpy_backends_greedy_text():
+    ours, ref = tinyinfer.load(backend="numba"), tinyinfer.load()
+    params = tinyinfer.SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    for prompt in ["ROMEO.", "To be, or not to be"]:
+        assert ours.generate(prompt, params).text == ref.generate(prompt, params).text
