@@ -19,7 +19,7 @@ from . import numba_kernels as kernels
 KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # the kernels called from Python; compiled once per process by `compile_kernels`
 ENTRY_POINTS = (kernels.matvec, kernels.matvec_f16, kernels.matvec_q8, kernels.gemm, kernels.gemm_f16,
-                kernels.gemm_q8, kernels.embedding, kernels.rms_norm, kernels.rotary, kernels.attention,
+                kernels.gemm_q8, kernels.embedding, kernels.rms_norm, kernels.rotary, kernels.paged_attention,
                 kernels.silu_mul, kernels.softmax)
 
 
@@ -94,9 +94,22 @@ class NumbaBackend(NumpyBackend):
         if k.shape[0] != start_pos + q.shape[0] or q.shape[1] % k.shape[1]:
             raise ValueError(f"attention: {q.shape[0]} queries from position {start_pos} with {q.shape[1]} heads "
                              f"need {start_pos + q.shape[0]} keys in a divisor of that many heads, got {k.shape}")
+        one_block = np.zeros(1, np.int64)  # a contiguous cache is a single block of every key
+        return self.paged_attention(q, np.ascontiguousarray(k)[None], np.ascontiguousarray(v)[None], one_block, start_pos)
+
+    def paged_attention(self, q: np.ndarray, key_pool: np.ndarray, value_pool: np.ndarray,
+                        block_table: np.ndarray, start_pos: int) -> np.ndarray:
+        """q: [new_tokens, num_heads, head_dim]; key_pool, value_pool: [num_blocks, block_size,
+        num_kv_heads, head_dim]; block_table: [blocks] int -> like q. Reads the keys in place."""
+        if q.dtype not in KERNEL_DTYPES or not q.dtype == key_pool.dtype == value_pool.dtype:
+            return super().paged_attention(q, key_pool, value_pool, block_table, start_pos)
+        if len(block_table) * key_pool.shape[1] < start_pos + q.shape[0] or q.shape[1] % key_pool.shape[2]:
+            raise ValueError(f"attention: {q.shape[0]} queries from position {start_pos} with {q.shape[1]} heads need "
+                             f"{start_pos + q.shape[0]} keys in a divisor of that many heads; the block table holds "
+                             f"{len(block_table)} blocks of {key_pool.shape[1]} with {key_pool.shape[2]} heads")
         q = np.ascontiguousarray(q)
         out = np.empty_like(q)
-        kernels.attention(q, np.ascontiguousarray(k), np.ascontiguousarray(v), int(start_pos), out)
+        kernels.paged_attention(q, key_pool, value_pool, np.asarray(block_table, np.int64), int(start_pos), out)
         return out
 
     def silu_mul(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
@@ -190,5 +203,7 @@ def _run_every_op(ops: NumbaBackend, dtype):
     ops.rms_norm(x, frozen(np.ones(BLOCK)), 1e-5)
     ops.rotary(q, frozen(np.ones((2, 1))), frozen(np.zeros((2, 1))))
     ops.attention(q, kv, kv, 0)
+    pool = frozen(rng.standard_normal((3, 2, 2, 2)))
+    ops.paged_attention(q, pool, pool, frozen([2, 0], np.int64), 1)
     ops.silu_mul(x, x)
     ops.softmax(x)

@@ -251,16 +251,21 @@ def rotary(x, cos, sin, out):
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def attention(q, k, v, start_pos, out):
-    """Causal grouped-query attention, one pass over the keys per (query, head).
+def paged_attention(q, key_pool, value_pool, block_table, start_pos, out):
+    """Causal grouped-query attention, one pass over the keys per (query, head), reading the
+    keys and values in place through a block table.
 
-    q: [new_tokens, num_heads, head_dim]; k, v: [start_pos + new_tokens, num_kv_heads,
-    head_dim] -> out: like q. Online softmax: keep the running max m of the scores, the sum
-    l of exp(score - m) and the weighted sum of values in `out`; when a larger score
-    arrives, rescale l and out by exp(old m - new m). No [queries, keys] matrix is built.
-    The threads split the (query, head) pairs."""
+    q: [new_tokens, num_heads, head_dim]; key_pool, value_pool: [num_blocks, block_size,
+    num_kv_heads, head_dim]; block_table: [blocks] int, the sequence's blocks in order, so its
+    key j is key_pool[block_table[j // block_size], j % block_size]. -> out: like q. (A
+    contiguous cache is one block holding every key: the backend calls this with k[None].)
+
+    Online softmax: keep the running max m of the scores, the sum l of exp(score - m) and the
+    weighted sum of values in `out`; when a larger score arrives, rescale l and out by
+    exp(old m - new m). No [queries, keys] matrix is built. Threads split (query, head) pairs."""
     new_tokens, num_heads, head_dim = q.shape
-    group = num_heads // k.shape[1]
+    block_size = key_pool.shape[1]
+    group = num_heads // key_pool.shape[2]
     scale = 1.0 / math.sqrt(head_dim)
     for pair in prange(new_tokens * num_heads):
         t, h = pair // num_heads, pair % num_heads
@@ -269,7 +274,8 @@ def attention(q, k, v, start_pos, out):
         acc[:] = 0
         running_max, total = -np.inf, 0.0
         for j in range(start_pos + t + 1):  # the query at start_pos + t sees keys 0 .. itself
-            score = _dot(q[t, h], k[j, kv]) * scale
+            block, offset = block_table[j // block_size], j % block_size
+            score = _dot(q[t, h], key_pool[block, offset, kv]) * scale
             if score > running_max:
                 shrink = math.exp(running_max - score)
                 total *= shrink
@@ -278,7 +284,7 @@ def attention(q, k, v, start_pos, out):
             p = math.exp(score - running_max)
             total += p
             for d in range(head_dim):
-                acc[d] += p * v[j, kv, d]
+                acc[d] += p * value_pool[block, offset, kv, d]
         acc /= total
 
 

@@ -103,6 +103,23 @@ def test_attention_matches_numpy(new_tokens, start_pos, num_kv_heads, group, hea
     np.testing.assert_allclose(ours, reference.attention(q, k, v, start_pos), rtol=tolerance, atol=tolerance)
 
 
+@settings(max_examples=40, deadline=None)
+@given(new_tokens=st.one_of(st.just(1), st.integers(2, 9)), start_pos=st.integers(0, 30), block_size=st.sampled_from([1, 4, 16]),
+       group=st.sampled_from([1, 2, 4]), dtype=DTYPES, seed=SEEDS)
+def test_paged_attention_matches_numpy(new_tokens, start_pos, block_size, group, dtype, seed):
+    """Keys and values scattered over a pool of blocks, read through a block table in place
+    (the reference gathers them first). Same sums as attention, so the same tolerance."""
+    rng = np.random.default_rng(seed)
+    blocks = -(-(start_pos + new_tokens) // block_size)
+    q = random(rng, (new_tokens, 2 * group, 8), dtype)
+    key_pool, value_pool = (random(rng, (blocks + 3, block_size, 2, 8), dtype) for _ in range(2))
+    table = rng.permutation(blocks + 3)[:blocks]
+    ours = ops.paged_attention(q, key_pool, value_pool, table, start_pos)
+    tolerance = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(ours, reference.paged_attention(q, key_pool, value_pool, table, start_pos),
+                               rtol=tolerance, atol=tolerance)
+
+
 # ---- the elementwise and per-row ops -----------------------------------------------------------
 SHAPES = st.one_of(st.tuples(st.integers(1, 9), st.integers(1, 100)),
                    st.tuples(st.integers(1, 5), st.integers(1, 4), st.integers(1, 33)))  # [tokens, heads, head_dim]
