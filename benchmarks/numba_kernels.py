@@ -29,6 +29,10 @@ SHAPES = {  # [out, in] of a layer's matrices and the LM head
 STORAGES = ("float32", "float16", "int8")
 SWEEP_BYTES = 512 * 2**20
 PREFILL_TOKENS = 128
+# OpenBLAS's and Numba's worker threads spin for a while after each call, waiting for more
+# work; on 2 cores a pool still spinning made the other library's calls many times slower.
+# So each library's measurements start after this pause.
+SPIN_DOWN_SECONDS = 0.5
 
 
 def best_time(run, repeats: int) -> float:
@@ -50,22 +54,13 @@ def copied(weight):
     return type(weight)(weight.values.copy(), weight.scales.copy()) if hasattr(weight, "scales") else weight.copy()
 
 
-def decode_seconds(ops, x, weights) -> float:
-    """Time of one matvec, averaged over a sweep through every copy in `weights`."""
-    return best_time(lambda: [ops.matmul(x, w) for w in weights], repeats=3) / len(weights)
-
-
-def measure(ops_numpy, ops_numba, shape, storage, rng):
-    out_features, in_features = shape
-    weight = stored(rng.standard_normal(shape, dtype=np.float32), storage)
-    copies = [weight] + [copied(weight) for _ in range(SWEEP_BYTES // weight.nbytes)]
-    x1 = rng.standard_normal((1, in_features), dtype=np.float32)
-    decode = [decode_seconds(ops, x1, copies) for ops in (ops_numpy, ops_numba)]
-    del copies
-    x128 = rng.standard_normal((PREFILL_TOKENS, in_features), dtype=np.float32)
-    repeats = max(3, min(30, int(3e9 / (2 * PREFILL_TOKENS * out_features * in_features))))
-    prefill = [best_time(lambda: ops.matmul(x128, weight), repeats) for ops in (ops_numpy, ops_numba)]
-    return weight.nbytes, decode, prefill
+def measure(ops, weight, x1, x128, copies) -> tuple[float, float]:
+    """(seconds per decode matvec, averaged over a sweep of every copy; seconds per prefill)."""
+    time.sleep(SPIN_DOWN_SECONDS)
+    decode = best_time(lambda: [ops.matmul(x1, w) for w in copies], repeats=5) / len(copies)
+    flops = 2 * x128.shape[0] * weight.shape[0] * weight.shape[1]
+    prefill = best_time(lambda: ops.matmul(x128, weight), repeats=max(5, min(30, int(3e9 / flops))))
+    return decode, prefill
 
 
 def main():
@@ -77,18 +72,27 @@ def main():
     print(f"threads: {numba.get_num_threads()}; read bandwidth (parallel Numba sum over 512 MiB): "
           f"{bandwidth / 1e9:.1f} GB/s\n")
     print("| model | matrix [out, in] | weights | decode NumPy µs | decode Numba µs | Numba GB/s | of bound "
-          "| prefill NumPy GFLOP/s | prefill Numba GFLOP/s | Numba / NumPy |")
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "| Numba vs float32 | prefill NumPy GFLOP/s | prefill Numba GFLOP/s | prefill Numba / NumPy |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     rng = np.random.default_rng(0)
     for model in args.models:
-        for storage in STORAGES:
-            for name, shape in SHAPES[model].items():
-                nbytes, decode, prefill = measure(ops_numpy, ops_numba, shape, storage, rng)
+        for name, shape in SHAPES[model].items():
+            w = rng.standard_normal(shape, dtype=np.float32)
+            x1 = rng.standard_normal((1, shape[1]), dtype=np.float32)
+            x128 = rng.standard_normal((PREFILL_TOKENS, shape[1]), dtype=np.float32)
+            for storage in STORAGES:
+                weight = stored(w, storage)
+                copies = [weight] + [copied(weight) for _ in range(SWEEP_BYTES // weight.nbytes)]
+                (numpy_decode, numpy_prefill), (decode, prefill) = (measure(ops, weight, x1, x128, copies)
+                                                                    for ops in (ops_numpy, ops_numba))
+                del copies
+                if storage == "float32":  # the first storage: what the others are compared with
+                    float32_decode = decode
                 flops = 2 * PREFILL_TOKENS * shape[0] * shape[1]
-                print(f"| {model} | {name} {list(shape)} | {storage} | {decode[0] * 1e6:.0f} | {decode[1] * 1e6:.0f} "
-                      f"| {nbytes / decode[1] / 1e9:.1f} | {nbytes / decode[1] / bandwidth:.0%} "
-                      f"| {flops / prefill[0] / 1e9:.0f} | {flops / prefill[1] / 1e9:.0f} "
-                      f"| {prefill[0] / prefill[1]:.2f} |", flush=True)
+                print(f"| {model} | {name} {list(shape)} | {storage} | {numpy_decode * 1e6:.0f} | {decode * 1e6:.0f} "
+                      f"| {weight.nbytes / decode / 1e9:.1f} | {weight.nbytes / decode / bandwidth:.0%} "
+                      f"| {float32_decode / decode:.2f}x | {flops / numpy_prefill / 1e9:.0f} "
+                      f"| {flops / prefill / 1e9:.0f} | {numpy_prefill / prefill:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

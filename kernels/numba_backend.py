@@ -63,6 +63,8 @@ class NumbaBackend(NumpyBackend):
         if x.dtype not in KERNEL_DTYPES:
             return super().quantized_matmul(x, w, bias)
         rows, out = _rows_and_output(x, w.shape)
+        if w.scales.shape != (w.shape[0], w.shape[1] // BLOCK) or w.shape[1] % BLOCK:
+            raise ValueError(f"int8 weight {w.shape} needs scales of shape [out, in // {BLOCK}], got {w.scales.shape}")
         values, scales = np.ascontiguousarray(w.values), np.ascontiguousarray(w.scales, dtype=np.float32)
         decode = rows.shape[0] < kernels.TILE
         (kernels.matvec_q8 if decode else kernels.gemm_q8)(rows, values, scales, out)

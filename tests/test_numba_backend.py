@@ -11,7 +11,7 @@ from test_hf_parity import MODELS, golden
 from tinyinfer.kernels import numba_kernels
 from tinyinfer.kernels.numba_backend import _CompileNotice
 from tinyinfer.ops import get_backend
-from tinyinfer.quantize import BLOCK, dequantize, quantize_q8_0
+from tinyinfer.quantize import BLOCK, Q8Weight, dequantize, quantize_q8_0
 
 ops = get_backend("numba")
 reference = get_backend("numpy")
@@ -66,10 +66,10 @@ def test_float16_stored_matmul_matches_numpy(tokens, out_features, in_features, 
 @settings(max_examples=30, deadline=None)
 @given(tokens=TOKENS, out_features=OUT_FEATURES, blocks=st.integers(1, 4), dtype=DTYPES, seed=SEEDS)
 def test_int8_matmul_matches_numpy(tokens, out_features, blocks, dtype, seed):
-    """The reference multiplies x by value * scale rounded to float32; decode here sums
-    x * value over the block and multiplies the sum by the scale, and prefill rebuilds the
-    reference's very weights. Beyond the reordering, that is at most one float32 rounding
-    of each weight and one of each block sum: extra = 2 u(float32)."""
+    """The reference multiplies x by value * scale rounded to float32; decode here rounds
+    x * value and then multiplies by the scale, and prefill rebuilds the reference's very
+    weights. Beyond the reordering, that is at most one float32 rounding of each weight and
+    one of each product: extra = 2 u(float32)."""
     rng = np.random.default_rng(seed)
     x = random(rng, (tokens, blocks * BLOCK), dtype)
     w = quantize_q8_0(random(rng, (out_features, blocks * BLOCK), np.float32))
@@ -82,6 +82,9 @@ def test_matmul_of_mismatched_shapes_is_an_error_in_both_backends():
     for backend in (ops, reference):
         with pytest.raises(ValueError):
             backend.matmul(x, w)
+    q8 = quantize_q8_0(np.ones((4, 2 * BLOCK), np.float32))
+    with pytest.raises(ValueError, match="needs scales"):  # the kernels trust the scales' shape
+        ops.matmul(np.ones((1, 2 * BLOCK), np.float32), Q8Weight(q8.values, q8.scales[:, :1]))
 
 
 # ---- attention ----------------------------------------------------------------------------------
