@@ -1,8 +1,8 @@
 """Parity with Hugging Face transformers on tiny random checkpoints of each supported family.
 
 tests/fixtures/make_golden.py built each model with transformers, saved it with
-save_pretrained, and recorded transformers' logits and greedy tokens. Our NumPy forward pass
-must reproduce them: logits within 1e-4 (float32), greedy ids exactly.
+save_pretrained, and recorded transformers' logits and greedy tokens. Our forward pass, on the
+NumPy and the Numba backend, must reproduce them: logits within 1e-4 (float32), greedy ids exactly.
 """
 
 import json
@@ -21,10 +21,11 @@ def golden(name):
     return directory, json.loads((directory / "golden.json").read_text())
 
 
-@pytest.fixture(scope="module", params=MODELS)
+@pytest.fixture(scope="module", params=[(m, b) for b in ("numpy", "numba") for m in MODELS], ids="-".join)
 def model_and_golden(request):
-    directory, expected = golden(request.param)
-    return tinyinfer.load(directory), expected, np.load(directory / "golden_logits.npy")
+    name, backend = request.param
+    directory, expected = golden(name)
+    return tinyinfer.load(directory, backend=backend), expected, np.load(directory / "golden_logits.npy")
 
 
 def test_logits_match_transformers(model_and_golden):

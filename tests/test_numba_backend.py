@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tinyinfer
-from test_hf_parity import MODELS, golden
+from test_hf_parity import golden
 from tinyinfer.kernels import numba_kernels
 from tinyinfer.kernels.numba_backend import _CompileNotice
 from tinyinfer.ops import get_backend
@@ -221,24 +221,6 @@ def test_the_compile_notice_is_one_line_however_many_functions_compile(capsys):
 
 
 # ---- whole models -------------------------------------------------------------------------------
-@pytest.fixture(scope="module", params=MODELS)
-def model_and_golden(request):
-    directory, expected = golden(request.param)
-    return tinyinfer.load(directory, backend="numba"), expected, np.load(directory / "golden_logits.npy")
-
-
-def test_logits_match_transformers(model_and_golden):
-    llm, expected, logits = model_and_golden
-    ours = llm.logits(expected["prompt_ids"] + expected["greedy_ids"])
-    assert np.abs(ours - logits).max() < 1e-4
-
-
-def test_greedy_tokens_match_transformers(model_and_golden):
-    llm, expected, _ = model_and_golden
-    params = tinyinfer.SamplingParams(temperature=0, max_tokens=len(expected["greedy_ids"]), ignore_eos=True)
-    assert llm.generate(expected["prompt"], params).token_ids == expected["greedy_ids"]
-
-
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("weights", ["float16", "int8"])
 def test_stored_weights_give_the_numpy_backends_logits(weights, dtype):
