@@ -189,11 +189,19 @@ class CupyBackend:
         kernels read keys through a block table; a contiguous cache is one block: table [0]."""
         return self._attention(q, k[None], v[None], self.one_block, start_pos)
 
-    def paged_attention(self, q, key_pool, value_pool, block_table, start_pos: int):
-        """The same attention, keys and values read in place from pools [num_blocks, block_size,
-        num_kv_heads, head_dim] through block_table: [blocks of this sequence] int."""
-        table = self.cp.ascontiguousarray(block_table, dtype=self.cp.int64)
-        return self._attention(q, key_pool, value_pool, table, start_pos)
+    def paged_attention(self, q, key_pool, value_pool, block_tables, query_starts, start_positions):
+        """The same attention for a batch of sequences, keys and values read in place from pools
+        [num_blocks, block_size, num_kv_heads, head_dim]: sequence s has query rows
+        query_starts[s] .. query_starts[s + 1] - 1 from position start_positions[s] and its
+        blocks in block_tables[s]. One kernel launch per sequence (a launch costs microseconds
+        on a GPU; one varlen kernel for the batch, as vLLM's, would save those)."""
+        tables = self.cp.ascontiguousarray(block_tables, dtype=self.cp.int64)
+        starts, positions = self.cp.asnumpy(query_starts).tolist(), self.cp.asnumpy(start_positions).tolist()
+        out = self.cp.empty_like(q)
+        for s, start_pos in enumerate(positions):
+            rows = slice(starts[s], starts[s + 1])
+            out[rows] = self._attention(q[rows], key_pool, value_pool, tables[s], start_pos)
+        return out
 
     def _attention(self, q, key_pool, value_pool, block_table, start_pos: int):
         """attention.cu's decode kernel for one new token (one block per query head), its prefill

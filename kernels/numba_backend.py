@@ -96,22 +96,37 @@ class NumbaBackend(NumpyBackend):
         if k.shape[0] != start_pos + q.shape[0] or q.shape[1] % k.shape[1]:
             raise ValueError(f"attention: {q.shape[0]} queries from position {start_pos} with {q.shape[1]} heads "
                              f"need {start_pos + q.shape[0]} keys in a divisor of that many heads, got {k.shape}")
-        one_block = np.zeros(1, np.int64)  # a contiguous cache is a single block of every key
-        return self.paged_attention(q, np.ascontiguousarray(k)[None], np.ascontiguousarray(v)[None], one_block, start_pos)
+        # a contiguous cache is one sequence whose single block holds every key
+        return self._paged_attention(q, np.ascontiguousarray(k)[None], np.ascontiguousarray(v)[None],
+                                     np.zeros((1, 1), np.int64), np.zeros(q.shape[0], np.int64),
+                                     start_pos + np.arange(q.shape[0]))
 
     def paged_attention(self, q: np.ndarray, key_pool: np.ndarray, value_pool: np.ndarray,
-                        block_table: np.ndarray, start_pos: int) -> np.ndarray:
-        """q: [new_tokens, num_heads, head_dim]; key_pool, value_pool: [num_blocks, block_size,
-        num_kv_heads, head_dim]; block_table: [blocks] int -> like q. Reads the keys in place."""
+                        block_tables: np.ndarray, query_starts: np.ndarray, start_positions: np.ndarray) -> np.ndarray:
+        """q: [tokens, num_heads, head_dim], sequence s's new tokens in rows query_starts[s] ..
+        query_starts[s + 1] - 1 from position start_positions[s]; key_pool, value_pool:
+        [num_blocks, block_size, num_kv_heads, head_dim]; block_tables: [seqs, max_blocks] int
+        -> like q. One kernel call for the whole batch, reading the keys in place."""
         if q.dtype not in KERNEL_DTYPES or not q.dtype == key_pool.dtype == value_pool.dtype:
-            return super().paged_attention(q, key_pool, value_pool, block_table, start_pos)
-        if len(block_table) * key_pool.shape[1] < start_pos + q.shape[0] or q.shape[1] % key_pool.shape[2]:
-            raise ValueError(f"attention: {q.shape[0]} queries from position {start_pos} with {q.shape[1]} heads need "
-                             f"{start_pos + q.shape[0]} keys in a divisor of that many heads; the block table holds "
-                             f"{len(block_table)} blocks of {key_pool.shape[1]} with {key_pool.shape[2]} heads")
+            return super().paged_attention(q, key_pool, value_pool, block_tables, query_starts, start_positions)
+        query_starts, start_positions = np.asarray(query_starts, np.int64), np.asarray(start_positions, np.int64)
+        new_tokens = np.diff(query_starts)
+        needed = start_positions + new_tokens  # keys each sequence reads
+        if query_starts[-1] != q.shape[0] or (new_tokens < 0).any() or q.shape[1] % key_pool.shape[2]:
+            raise ValueError(f"paged attention: query_starts {query_starts.tolist()} must split the {q.shape[0]} "
+                             f"query rows, and {q.shape[1]} heads be a multiple of {key_pool.shape[2]} kv heads")
+        if (needed > block_tables.shape[1] * key_pool.shape[1]).any():
+            raise ValueError(f"paged attention: sequences need {needed.tolist()} keys, but the block tables hold "
+                             f"{block_tables.shape[1]} blocks of {key_pool.shape[1]}")
+        row_sequence = np.repeat(np.arange(len(start_positions)), new_tokens)
+        row_position = np.arange(q.shape[0]) - query_starts[row_sequence] + start_positions[row_sequence]
+        return self._paged_attention(q, key_pool, value_pool, np.asarray(block_tables, np.int64), row_sequence,
+                                     row_position)
+
+    def _paged_attention(self, q, key_pool, value_pool, block_tables, row_sequence, row_position):
         q = np.ascontiguousarray(q)
         out = np.empty_like(q)
-        kernels.paged_attention(q, key_pool, value_pool, np.asarray(block_table, np.int64), int(start_pos), out)
+        kernels.paged_attention(q, key_pool, value_pool, block_tables, row_sequence, row_position, out)
         return out
 
     def silu_mul(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
@@ -206,6 +221,6 @@ def _run_every_op(ops: NumbaBackend, dtype):
     ops.rotary(q, frozen(np.ones((2, 1))), frozen(np.zeros((2, 1))))
     ops.attention(q, kv, kv, 0)
     pool = frozen(rng.standard_normal((3, 2, 2, 2)))
-    ops.paged_attention(q, pool, pool, frozen([2, 0], np.int64), 1)
+    ops.paged_attention(q, pool, pool, frozen([[2, 0]], np.int64), frozen([0, 2], np.int64), frozen([1], np.int64))
     ops.silu_mul(x, x)
     ops.softmax(x)

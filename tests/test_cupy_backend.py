@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 import tinyinfer
 from backends import cupy_unavailable_reason
+from test_engine import scattered_batch
 from test_hf_parity import MODELS, golden
 from tinyinfer.ops import get_backend
 from tinyinfer.quantize import BLOCK, Q8Weight, dequantize, quantize_q8_0
@@ -168,18 +169,19 @@ def test_attention_matches_numpy(new_tokens, start_pos, heads, head_dim, dtype, 
 
 @needs_gpu
 @EXAMPLES
-@given(block_size=st.sampled_from([1, 4, 16]), **attention_shapes)
-def test_paged_attention_matches_numpy(new_tokens, start_pos, heads, head_dim, dtype, seed, block_size):
-    """Keys and values read in place through a block table scattered over a larger pool."""
+@given(block_size=st.sampled_from([1, 4, 16]), more=st.lists(st.tuples(st.integers(1, 9), st.integers(0, 40)), max_size=3),
+       **attention_shapes)
+def test_paged_attention_matches_numpy(new_tokens, start_pos, heads, head_dim, dtype, seed, block_size, more):
+    """A batch of sequences, keys and values read in place through block tables scattered over
+    a larger pool."""
     num_kv_heads, group = heads
     rng = np.random.default_rng(seed)
-    blocks = -(-(start_pos + new_tokens) // block_size)
-    table = rng.permutation(blocks + 3)[:blocks]
-    pool_shape = (blocks + 3, block_size, num_kv_heads, head_dim)
-    (q, keys, values), (q32, keys32, values32) = inputs(rng, dtype, (new_tokens, num_kv_heads * group, head_dim),
-                                                        pool_shape, pool_shape)
-    got = on_gpu("paged_attention", q, keys, values, table, start_pos)
-    assert_close(got, ref.paged_attention(q32, keys32, values32, table, start_pos), dtype)
+    sequences = [(new_tokens, start_pos), *more]
+    args, _ = scattered_batch(rng, sequences, block_size, num_kv_heads * group, num_kv_heads, head_dim, dtype)
+    q, keys, values, tables, query_starts, start_positions = args
+    want = ref.paged_attention(q.astype(np.float32), keys.astype(np.float32), values.astype(np.float32), tables,
+                               query_starts, start_positions)
+    assert_close(on_gpu("paged_attention", *args), want, dtype)
 
 
 @needs_gpu

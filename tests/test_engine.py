@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 import tinyinfer
+from backends import backend_params
 from tiny_models import FIXTURES, tiny_hf_config, write_hf_model
 from tinyinfer import SamplingParams
 from tinyinfer.engine import EngineConfig, LLMEngine
@@ -71,6 +72,19 @@ def test_each_request_gets_the_tokens_it_gets_alone(tiny_llm, requests, shared_p
     assert engine.block_manager.num_free == engine.pool.num_blocks  # everything given back
 
 
+@pytest.mark.parametrize("backend", backend_params())
+def test_every_backend_serves_a_mixed_batch_as_each_request_alone(tiny_model_dir, backend):
+    """The engine's one paged-attention call per layer for the whole batch, on each backend:
+    prompts chunked beside decoding sequences, tokens equal to the contiguous reference."""
+    llm = tinyinfer.load(tiny_model_dir, backend=backend)
+    rng = np.random.default_rng(1)
+    requests = [(rng.integers(3, 96, length).tolist(), 9) for length in (5, 23, 2, 17, 40)]
+    engine = LLMEngine(llm, EngineConfig(block_size=4, max_num_batched_tokens=24, max_num_seqs=4))
+    outputs = run_all(engine, requests)
+    assert max(engine.stats.batch_sizes) > 1  # sequences did share forward passes
+    assert [outputs[i] for i in range(len(requests))] == [greedy_alone(llm, p, n) for p, n in requests]
+
+
 def test_a_small_pool_preempts_and_still_gives_the_same_tokens(tiny_llm):
     rng = np.random.default_rng(0)
     requests = [(rng.integers(3, 96, 10).tolist(), 30) for _ in range(4)]
@@ -102,7 +116,7 @@ def test_an_identical_prompt_still_computes_its_last_token():
     from tinyinfer.engine.paged_cache import BlockTable
 
     manager = BlockManager(num_blocks=8, block_size=4)
-    first, second = BlockTable(None, None), BlockTable(None, None)
+    first, second = BlockTable(None), BlockTable(None)
     manager.allocate(first, list(range(8)))
     first.length = 8
     manager.register_full_blocks(first, list(range(8)))
@@ -167,25 +181,41 @@ def test_stats_report_the_run(tiny_llm):
     assert summary["max_blocks_in_use"] == 2 + 1 and summary["output_tokens_per_s"] > 0
 
 
-@given(new=st.integers(1, 9), start=st.integers(0, 30), block_size=st.sampled_from([1, 4, 16]),
-       heads=st.sampled_from([(4, 1), (4, 2), (4, 4)]), seed=st.integers(0, 2**32 - 1))
+def scattered_batch(rng, sequences, block_size, num_heads, num_kv_heads, head_dim=8, dtype=np.float32):
+    """A batch of sequences (new tokens, start position) whose keys and values lie in blocks
+    scattered over one shared pool. -> (q, pools, block_tables, query_starts, start_positions)
+    and each sequence's contiguous (q, k, v, start) for reference."""
+    blocks_each = [-(-(start + new) // block_size) for new, start in sequences]
+    placement = rng.permutation(sum(blocks_each) + 3)  # a larger pool, shuffled
+    key_pool = rng.standard_normal((sum(blocks_each) + 3, block_size, num_kv_heads, head_dim)).astype(dtype)
+    value_pool = rng.standard_normal(key_pool.shape).astype(dtype)
+    block_tables = np.full((len(sequences), max(blocks_each)), -1, np.int64)  # padding is never read
+    contiguous, used = [], 0
+    for s, ((new, start), blocks) in enumerate(zip(sequences, blocks_each)):
+        block_tables[s, :blocks] = placement[used: used + blocks]
+        used += blocks
+        q = rng.standard_normal((new, num_heads, head_dim)).astype(dtype)
+        k, v = (rng.standard_normal((start + new, num_kv_heads, head_dim)).astype(dtype) for _ in range(2))
+        for position in range(start + new):
+            block, row = block_tables[s, position // block_size], position % block_size
+            key_pool[block, row], value_pool[block, row] = k[position], v[position]
+        contiguous.append((q, k, v, start))
+    query_starts = np.cumsum([0] + [new for new, _ in sequences])
+    q = np.concatenate([c[0] for c in contiguous])
+    return (q, key_pool, value_pool, block_tables, query_starts, np.array([start for _, start in sequences])), contiguous
+
+
+@given(sequences=st.lists(st.tuples(st.integers(1, 9), st.integers(0, 30)), min_size=1, max_size=4),
+       block_size=st.sampled_from([1, 4, 16]), heads=st.sampled_from([(4, 1), (4, 2), (4, 4)]),
+       seed=st.integers(0, 2**32 - 1))
 @settings(max_examples=40, deadline=None)
-def test_paged_attention_reads_the_same_keys_as_contiguous_attention(new, start, block_size, heads, seed):
+def test_paged_attention_reads_the_same_keys_as_contiguous_attention(sequences, block_size, heads, seed):
+    """A batch of sequences in one call, each over its own scattered blocks, gives exactly what
+    each sequence gets from contiguous attention alone."""
     ops = get_backend("numpy")
-    rng = np.random.default_rng(seed)
-    num_heads, num_kv_heads = heads
-    context = start + new
-    q = rng.standard_normal((new, num_heads, 8)).astype(np.float32)
-    k, v = (rng.standard_normal((context, num_kv_heads, 8)).astype(np.float32) for _ in range(2))
-    blocks = -(-context // block_size)
-    table = rng.permutation(blocks + 3)[:blocks]  # scattered over a larger pool
-    key_pool = rng.standard_normal((blocks + 3, block_size, num_kv_heads, 8)).astype(np.float32)
-    value_pool = rng.standard_normal(key_pool.shape).astype(np.float32)
-    for position in range(context):
-        key_pool[table[position // block_size], position % block_size] = k[position]
-        value_pool[table[position // block_size], position % block_size] = v[position]
-    np.testing.assert_array_equal(ops.paged_attention(q, key_pool, value_pool, table, start),
-                                  ops.attention(q, k, v, start))
+    paged_args, contiguous = scattered_batch(np.random.default_rng(seed), sequences, block_size, *heads)
+    expected = np.concatenate([ops.attention(q, k, v, start) for q, k, v, start in contiguous])
+    np.testing.assert_array_equal(ops.paged_attention(*paged_args), expected)
 
 
 @functools.cache

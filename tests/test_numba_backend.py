@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tinyinfer
+from test_engine import scattered_batch
 from test_hf_parity import golden
 from tinyinfer.kernels import numba_kernels
 from tinyinfer.kernels.numba_backend import _CompileNotice
@@ -107,20 +108,17 @@ def test_attention_matches_numpy(new_tokens, start_pos, num_kv_heads, group, hea
 
 
 @settings(max_examples=40, deadline=None)
-@given(new_tokens=st.one_of(st.just(1), st.integers(2, 9)), start_pos=st.integers(0, 30), block_size=st.sampled_from([1, 4, 16]),
-       group=st.sampled_from([1, 2, 4]), dtype=DTYPES, seed=SEEDS)
-def test_paged_attention_matches_numpy(new_tokens, start_pos, block_size, group, dtype, seed):
-    """Keys and values scattered over a pool of blocks, read through a block table in place
-    (the reference gathers them first). Same sums as attention, so the same tolerance."""
-    rng = np.random.default_rng(seed)
-    blocks = -(-(start_pos + new_tokens) // block_size)
-    q = random(rng, (new_tokens, 2 * group, 8), dtype)
-    key_pool, value_pool = (random(rng, (blocks + 3, block_size, 2, 8), dtype) for _ in range(2))
-    table = rng.permutation(blocks + 3)[:blocks]
-    ours = ops.paged_attention(q, key_pool, value_pool, table, start_pos)
+@given(sequences=st.lists(st.tuples(st.one_of(st.just(1), st.integers(2, 9)), st.integers(0, 30)), min_size=1, max_size=5),
+       block_size=st.sampled_from([1, 4, 16]), group=st.sampled_from([1, 2, 4]), dtype=DTYPES, seed=SEEDS)
+def test_paged_attention_matches_numpy(sequences, block_size, group, dtype, seed):
+    """A batch of sequences (decode and prefill mixed), keys and values scattered over a pool of
+    blocks and read in place through the block tables in one call (the reference gathers them
+    sequence by sequence). Same sums as attention, so the same tolerance."""
+    args, _ = scattered_batch(np.random.default_rng(seed), sequences, block_size, 2 * group, 2, dtype=dtype)
+    ours = ops.paged_attention(*args)
     tolerance = 1e-5 if dtype == np.float32 else 1e-12
-    np.testing.assert_allclose(ours, reference.paged_attention(q, key_pool, value_pool, table, start_pos),
-                               rtol=tolerance, atol=tolerance)
+    assert ours.dtype == dtype
+    np.testing.assert_allclose(ours, reference.paged_attention(*args), rtol=tolerance, atol=tolerance)
 
 
 # ---- the elementwise and per-row ops -----------------------------------------------------------

@@ -45,6 +45,12 @@ def test_attention_matches_a_loop_over_heads_and_positions(new_tokens, start_pos
     np.testing.assert_allclose(ops.attention(q, k, v, start_pos), loop_attention(q, k, v, start_pos), atol=1e-12)
 
 
+def test_attention_computes_in_the_dtype_of_its_inputs():
+    """A float32 model's attention stays float32 (a NumPy float64 scalar would promote it)."""
+    q, k = np.ones((2, 4, 8), np.float32), np.ones((3, 2, 8), np.float32)
+    assert ops.attention(q, k, k, 1).dtype == np.float32
+
+
 def test_rotary_is_a_complex_rotation_of_pairs_i_and_i_plus_half():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((3, 2, 8))

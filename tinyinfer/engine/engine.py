@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 from tinyinfer.engine.block_manager import BlockManager
-from tinyinfer.engine.paged_cache import BlockTable, PagedKVPool
+from tinyinfer.engine.paged_cache import BlockTable, PagedBatch, PagedKVPool
 from tinyinfer.engine.scheduler import Scheduler, SchedulerConfig
 from tinyinfer.errors import KVCacheTooSmallError
 from tinyinfer.model.batch import ForwardBatch
@@ -92,7 +92,7 @@ class LLMEngine:
     def add_request(self, prompt, params: SamplingParams | None = None) -> int:
         """Queue a prompt (text or token ids); returns its request id."""
         params = params or SamplingParams()
-        sequence = self.llm.new_sequence(prompt, params, BlockTable(self.pool, self.llm.ops))
+        sequence = self.llm.new_sequence(prompt, params, BlockTable(self.pool))
         longest = min(sequence.num_tokens + params.max_tokens, self.llm.config.max_context)
         needed = self.block_manager.blocks_for(longest)
         if needed > self.pool.num_blocks:
@@ -134,6 +134,7 @@ class LLMEngine:
             [sequence.tokens_to_feed()[:num_new] for sequence, num_new in scheduled],
             [sequence.cache for sequence, _ in scheduled],
         )
+        batch.paged = PagedBatch(self.pool, self.llm.ops, batch.chunks)
         # a decode step feeds the one token sampled last; everything else is (re)computing a prompt
         self.stats.prefill_tokens += sum(n for seq, n in scheduled if not (n == 1 and seq.output_ids))
         logits = self.llm.model.forward(batch)  # [len(scheduled), vocab]: each sequence's last new token

@@ -31,12 +31,13 @@ class PagedKVPool:
 class BlockTable:
     """One sequence's view of the pool: the blocks that hold its tokens, in order.
 
-    It speaks the same protocol as the contiguous KVCache (`length`, `write`, `attention`), so
-    the model runs on either without knowing which. The block manager fills `block_ids`.
+    It has the `length` of the contiguous KVCache, so the model and the scheduler can treat
+    either alike; the block manager fills `block_ids`. The forward pass reaches the pool
+    through a PagedBatch, which serves every block table of a step at once.
     """
 
-    def __init__(self, pool: PagedKVPool, ops):
-        self.pool, self.ops = pool, ops
+    def __init__(self, pool: PagedKVPool):
+        self.pool = pool
         self.block_ids: list[int] = []
         self.length = 0  # tokens whose keys and values are stored
 
@@ -44,19 +45,44 @@ class BlockTable:
     def capacity(self) -> int:
         return len(self.block_ids) * self.pool.block_size
 
-    def write(self, layer: int, start: int, k, v):
-        """Store k, v: [new_tokens, num_kv_heads, head_dim] for positions start, start+1, ..."""
-        end = start + k.shape[0]
-        if end > self.capacity:
-            raise ValueError(f"KV blocks are full: {end} tokens do not fit {len(self.block_ids)} blocks")
-        positions = np.arange(start, end)
-        blocks = self.ops.to_device(np.asarray(self.block_ids)[positions // self.pool.block_size])
-        offsets = self.ops.to_device(positions % self.pool.block_size)
-        self.pool.keys[layer][blocks, offsets] = k
-        self.pool.values[layer][blocks, offsets] = v
 
-    def attention(self, layer: int, q, start: int):
-        """Attention of q: [new_tokens, num_heads, head_dim] (positions start, ...) over this
-        sequence's keys and values, read through its block table."""
-        table = self.ops.to_device(np.asarray(self.block_ids, dtype=np.int64))
-        return self.ops.paged_attention(q, self.pool.keys[layer], self.pool.values[layer], table, start)
+class PagedBatch:
+    """The paged cache as one forward pass sees it: where each new token's keys and values go,
+    and which blocks each sequence's attention reads. Built once per engine step and used by
+    every layer, so that a layer stores the whole batch's keys with one write and attends with
+    one call, whatever the number of sequences (vLLM's slot mapping and block tables).
+    """
+
+    def __init__(self, pool: PagedKVPool, ops, chunks):
+        """chunks: the batch's SequenceChunks, in the order of their tokens; each one's cache is
+        a BlockTable with room for its new tokens (the scheduler grew it)."""
+        self.pool, self.ops = pool, ops
+        block_size = pool.block_size
+        positions = [np.arange(chunk.start, chunk.start + chunk.num_new) for chunk in chunks]
+        for chunk in chunks:
+            if chunk.start + chunk.num_new > chunk.cache.capacity:
+                raise ValueError(f"KV blocks are full: {chunk.start + chunk.num_new} tokens do not fit "
+                                 f"{len(chunk.cache.block_ids)} blocks")
+        # where the new tokens go: [tokens] blocks and [tokens] rows within them
+        blocks = [np.asarray(chunk.cache.block_ids)[p // block_size] for chunk, p in zip(chunks, positions)]
+        self.write_blocks = ops.to_device(np.concatenate(blocks))
+        self.write_rows = ops.to_device(np.concatenate(positions) % block_size)
+        # [sequences, max_blocks]; a shorter table is padded with block 0, never read (past its length)
+        block_tables = np.zeros((len(chunks), max(len(chunk.cache.block_ids) for chunk in chunks)), np.int64)
+        for table, chunk in zip(block_tables, chunks):
+            table[: len(chunk.cache.block_ids)] = chunk.cache.block_ids
+        self.block_tables = ops.to_device(block_tables)
+        # host arrays: sequence s has query rows query_starts[s] .. query_starts[s + 1] - 1
+        self.query_starts = np.concatenate([[0], np.cumsum([chunk.num_new for chunk in chunks])]).astype(np.int64)
+        self.start_positions = np.array([chunk.start for chunk in chunks], np.int64)
+
+    def write(self, layer: int, k, v):
+        """Store k, v: [tokens, num_kv_heads, head_dim], every new token of the batch, in its block."""
+        self.pool.keys[layer][self.write_blocks, self.write_rows] = k
+        self.pool.values[layer][self.write_blocks, self.write_rows] = v
+
+    def attention(self, layer: int, q):
+        """Attention of q: [tokens, num_heads, head_dim], every new token of the batch, each over
+        its own sequence's keys and values so far (the new ones included)."""
+        return self.ops.paged_attention(q, self.pool.keys[layer], self.pool.values[layer], self.block_tables,
+                                        self.query_starts, self.start_positions)

@@ -6,10 +6,14 @@ batch is what the serving engine does (as nano-vllm and vLLM do).
 """
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from tinyinfer.kv_cache import KVCache
+
+if TYPE_CHECKING:
+    from tinyinfer.engine.paged_cache import PagedBatch
 
 
 @dataclass
@@ -26,6 +30,7 @@ class ForwardBatch:
     token_ids: np.ndarray  # [tokens] int64, every sequence's new tokens, one after another
     positions: np.ndarray  # [tokens] int64, each token's position within its own sequence
     chunks: list[SequenceChunk]  # in the order their tokens appear in token_ids
+    paged: "PagedBatch | None" = None  # set by the engine when every cache is a block table of its pool
 
     @classmethod
     def build(cls, token_lists: list[list[int]], caches: list[KVCache]) -> "ForwardBatch":

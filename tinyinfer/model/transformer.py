@@ -53,10 +53,10 @@ class Transformer:
     def attention(self, layer_index: int, layer: LayerWeights, h, cos, sin, batch: ForwardBatch):
         """Multi-head attention with grouped-query heads. h: [tokens, hidden] -> [tokens, hidden].
 
-        The q, k, v projections run on the whole batch at once (one matrix product each); only
-        the attention itself is per sequence, because each sequence attends to its own past.
-        The cache calls the attention op that fits its layout: `ops.attention` on a contiguous
-        KVCache, `ops.paged_attention` through a paged BlockTable.
+        The q, k, v projections run on the whole batch at once (one matrix product each); the
+        attention itself reads each sequence's own past. The engine's paged cache does that for
+        every sequence in one `ops.paged_attention` call; contiguous KVCaches (one sequence,
+        teaching, scoring) call `ops.attention` one sequence at a time.
         """
         config, ops = self.config, self.ops
         tokens = h.shape[0]
@@ -69,13 +69,17 @@ class Transformer:
         q = ops.rotary(q, cos, sin)
         k = ops.rotary(k, cos, sin)
 
-        out = ops.zeros(q.shape, q.dtype)  # [tokens, num_heads, head_dim]
-        row = 0
-        for chunk in batch.chunks:
-            rows = slice(row, row + chunk.num_new)
-            chunk.cache.write(layer_index, chunk.start, k[rows], v[rows])
-            out[rows] = chunk.cache.attention(layer_index, q[rows], chunk.start)
-            row += chunk.num_new
+        if batch.paged is not None:  # the engine's paged cache: one write and one call for the whole batch
+            batch.paged.write(layer_index, k, v)
+            out = batch.paged.attention(layer_index, q)
+        else:  # contiguous caches, one sequence at a time
+            out = ops.zeros(q.shape, q.dtype)  # [tokens, num_heads, head_dim]
+            row = 0
+            for chunk in batch.chunks:
+                rows = slice(row, row + chunk.num_new)
+                chunk.cache.write(layer_index, chunk.start, k[rows], v[rows])
+                out[rows] = chunk.cache.attention(layer_index, q[rows], chunk.start)
+                row += chunk.num_new
         return ops.matmul(out.reshape(tokens, config.num_heads * config.head_dim), layer.wo)
 
     def mlp(self, layer: LayerWeights, h):

@@ -66,22 +66,27 @@ def rotary_cost(x, cos, sin) -> OpCost:
     return OpCost(3 * x.size, _bytes(x, cos, sin), _bytes(x), 1)  # per pair: 4 mul + 2 add
 
 
-def _attention_flops(q, start_pos) -> int:
+def _attention_flops(num_heads: int, head_dim: int, new_tokens: int, start_pos: int) -> int:
     """Each query i (at position start_pos + i) scores and mixes start_pos + i + 1 keys."""
-    new_tokens, num_heads, head_dim = q.shape
     pairs = new_tokens * start_pos + new_tokens * (new_tokens + 1) // 2  # causal (query, key) pairs
     return num_heads * pairs * (4 * head_dim + 3)  # q.k and p*v (2 FLOPs each per dim), softmax
 
 
 def attention_cost(q, k, v, start_pos) -> OpCost:
-    return OpCost(_attention_flops(q, start_pos), _bytes(q, k, v), _bytes(q), 1)
+    new_tokens, num_heads, head_dim = q.shape
+    return OpCost(_attention_flops(num_heads, head_dim, new_tokens, start_pos), _bytes(q, k, v), _bytes(q), 1)
 
 
-def paged_attention_cost(q, key_pool, value_pool, block_table, start_pos) -> OpCost:
-    """As attention_cost, reading only this sequence's tokens of the pools (and its table)."""
-    context = start_pos + q.shape[0]
+def paged_attention_cost(q, key_pool, value_pool, block_tables, query_starts, start_positions) -> OpCost:
+    """As attention_cost for each sequence, reading only its tokens of the pools (and the tables)."""
+    _, num_heads, head_dim = q.shape
     token_bytes = int(np.prod(key_pool.shape[2:])) * _item(key_pool)  # one token's keys (or values)
-    return OpCost(_attention_flops(q, start_pos), _bytes(q, block_table) + 2 * context * token_bytes, _bytes(q), 1)
+    flops, kv_bytes = 0, 0
+    for s, start_pos in enumerate(start_positions):
+        new_tokens = int(query_starts[s + 1] - query_starts[s])
+        flops += _attention_flops(num_heads, head_dim, new_tokens, int(start_pos))
+        kv_bytes += 2 * (int(start_pos) + new_tokens) * token_bytes
+    return OpCost(flops, _bytes(q, block_tables, query_starts, start_positions) + kv_bytes, _bytes(q), 1)
 
 
 def silu_mul_cost(gate, up) -> OpCost:
@@ -140,8 +145,8 @@ class CostCounter:
     def attention(self, q, k, v, start_pos):
         return self._run("attention", q, k, v, start_pos)
 
-    def paged_attention(self, q, key_pool, value_pool, block_table, start_pos):
-        return self._run("paged_attention", q, key_pool, value_pool, block_table, start_pos)
+    def paged_attention(self, q, key_pool, value_pool, block_tables, query_starts, start_positions):
+        return self._run("paged_attention", q, key_pool, value_pool, block_tables, query_starts, start_positions)
 
     def silu_mul(self, gate, up):
         return self._run("silu_mul", gate, up)

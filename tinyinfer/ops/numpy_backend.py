@@ -12,6 +12,8 @@ Conventions (the same for every backend):
 - heads live on their own axis: `q: [tokens, num_heads, head_dim]`.
 """
 
+import math
+
 import numpy as np
 
 from tinyinfer.quantize import Q8Weight, dequantize
@@ -106,7 +108,7 @@ class NumpyBackend:
         q = q.reshape(new_tokens, num_kv_heads, group, head_dim).transpose(1, 2, 0, 3)
         keys = k.transpose(1, 2, 0)[:, None]  # [kv_heads, 1, head_dim, context]
         values = v.transpose(1, 0, 2)[:, None]  # [kv_heads, 1, context, head_dim]
-        scores = (q @ keys) / np.sqrt(head_dim)  # [kv_heads, group, new_tokens, context]
+        scores = (q @ keys) / math.sqrt(head_dim)  # [kv_heads, group, new_tokens, context], q.dtype
         # causal mask: the query at position start_pos + i sees keys 0 .. start_pos + i
         query_pos = start_pos + np.arange(new_tokens)
         future = np.arange(context)[None, :] > query_pos[:, None]  # [new_tokens, context]
@@ -115,20 +117,29 @@ class NumpyBackend:
         return out.transpose(2, 0, 1, 3).reshape(new_tokens, num_heads, head_dim)
 
     def paged_attention(self, q: np.ndarray, key_pool: np.ndarray, value_pool: np.ndarray,
-                        block_table: np.ndarray, start_pos: int) -> np.ndarray:
-        """The same attention, with the sequence's keys and values kept in blocks of a pool.
+                        block_tables: np.ndarray, query_starts: np.ndarray, start_positions: np.ndarray) -> np.ndarray:
+        """The same attention for a whole batch of sequences, whose keys and values are kept in
+        blocks of one shared pool (the paged KV cache).
 
-        q: [new_tokens, num_heads, head_dim]; key_pool, value_pool: [num_blocks, block_size,
-        num_kv_heads, head_dim], shared by every sequence; block_table: [blocks of this
-        sequence] int, its blocks in order. Gathering the blocks gives back the contiguous
-        [start_pos + new_tokens, num_kv_heads, head_dim] keys and values; a fast kernel reads
-        them in place instead of copying.
+        q: [tokens, num_heads, head_dim], every sequence's new tokens one after another:
+        sequence s has rows query_starts[s] .. query_starts[s + 1] - 1 (query_starts: [seqs + 1]),
+        the first of them at position start_positions[s] (start_positions: [seqs]).
+        key_pool, value_pool: [num_blocks, block_size, num_kv_heads, head_dim];
+        block_tables: [seqs, max_blocks] int, row s listing sequence s's blocks in order (its
+        unused tail is padding). Gathering a sequence's blocks gives back its contiguous
+        [start_position + new_tokens, num_kv_heads, head_dim] keys and values; a fast kernel
+        reads them in place instead of copying, for every sequence in one call.
         """
-        context = start_pos + q.shape[0]
         _, block_size, num_kv_heads, head_dim = key_pool.shape
-        keys = key_pool[block_table].reshape(-1, num_kv_heads, head_dim)[:context]
-        values = value_pool[block_table].reshape(-1, num_kv_heads, head_dim)[:context]
-        return self.attention(q, keys, values, start_pos)
+        out = np.empty_like(q)
+        for s, start_pos in enumerate(start_positions):
+            rows = slice(query_starts[s], query_starts[s + 1])
+            context = start_pos + rows.stop - rows.start
+            table = block_tables[s, : -(-context // block_size)]
+            keys = key_pool[table].reshape(-1, num_kv_heads, head_dim)[:context]
+            values = value_pool[table].reshape(-1, num_kv_heads, head_dim)[:context]
+            out[rows] = self.attention(q[rows], keys, values, start_pos)
+        return out
 
     def silu_mul(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         """SwiGLU's gating: silu(gate) * up, elementwise. gate, up: [tokens, hidden].
