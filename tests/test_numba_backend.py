@@ -39,7 +39,7 @@ def assert_same_sum(ours, ref, x, w, extra=0.0):
 
 
 # ---- matmul -------------------------------------------------------------------------------------
-# Fewer than 4 token rows take the decode kernels, more the prefill ones; more than 64 output
+# Fewer than 4 token rows take the decode kernels, more the prefill ones; more than 32 output
 # rows split into several panels; sizes that are not multiples of 4 leave ragged tiles.
 TOKENS = st.one_of(st.integers(1, 9), st.integers(60, 70))
 OUT_FEATURES = st.one_of(st.integers(1, 9), st.integers(60, 140))
