@@ -124,6 +124,8 @@ class NumbaBackend(NumpyBackend):
                                      row_position)
 
     def _paged_attention(self, q, key_pool, value_pool, block_tables, row_sequence, row_position):
+        """The kernel's own terms: query row r belongs to sequence row_sequence[r] (a row of
+        block_tables) and sits at position row_position[r], seeing keys 0 .. that position."""
         q = np.ascontiguousarray(q)
         out = np.empty_like(q)
         kernels.paged_attention(q, key_pool, value_pool, block_tables, row_sequence, row_position, out)
