@@ -43,14 +43,18 @@ class NumbaBackend(NumpyBackend):
 
     def matmul(self, x: np.ndarray, w, bias: np.ndarray | None = None) -> np.ndarray:
         """x: [tokens, in], w: [out, in] (x's dtype or float16) or Q8Weight -> [tokens, out].
-        Fewer than 4 token rows is decode (matvec kernels), more is prefill (gemm kernels)."""
+        A few token rows take the matvec kernels, many the gemm kernels (GEMM_MIN_ROWS says
+        where the gemm gets faster). The gemm kernels are float32 only: float64, a dtype for
+        checking rather than speed, multiplies many rows with the reference's BLAS."""
         if isinstance(w, Q8Weight):
             return self.quantized_matmul(x, w, bias)
         if x.dtype not in KERNEL_DTYPES or w.dtype not in (x.dtype, np.float16):
             return super().matmul(x, w, bias)
         rows, out = _rows_and_output(x, w.shape)
+        decode = rows.shape[0] < (kernels.GEMM_MIN_ROWS if w.dtype == x.dtype else kernels.GEMM_MIN_ROWS_WIDENED)
+        if not decode and x.dtype != np.float32:  # the SIMD prefill kernels are float32 only
+            return super().matmul(x, w, bias)
         w = np.ascontiguousarray(w)
-        decode = rows.shape[0] < kernels.TILE
         if w.dtype == np.float16:
             (kernels.matvec_f16 if decode else kernels.gemm_f16)(rows, w.view(np.uint16), out)
         else:
@@ -65,8 +69,10 @@ class NumbaBackend(NumpyBackend):
         rows, out = _rows_and_output(x, w.shape)
         if w.scales.shape != (w.shape[0], w.shape[1] // BLOCK) or w.shape[1] % BLOCK:
             raise ValueError(f"int8 weight {w.shape} needs scales of shape [out, in // {BLOCK}], got {w.scales.shape}")
+        decode = rows.shape[0] < kernels.GEMM_MIN_ROWS_WIDENED
+        if not decode and x.dtype != np.float32:
+            return super().quantized_matmul(x, w, bias)
         values, scales = np.ascontiguousarray(w.values), np.ascontiguousarray(w.scales, dtype=np.float32)
-        decode = rows.shape[0] < kernels.TILE
         (kernels.matvec_q8 if decode else kernels.gemm_q8)(rows, values, scales, out)
         return _finish(out, x, bias)
 
@@ -211,7 +217,7 @@ def _run_every_op(ops: NumbaBackend, dtype):
         return array
 
     rng = np.random.default_rng(0)
-    x = frozen(rng.standard_normal((kernels.TILE, BLOCK)))
+    x = frozen(rng.standard_normal((kernels.GEMM_MIN_ROWS, BLOCK)))
     w = rng.standard_normal((3, BLOCK))
     q8 = quantize_q8_0(w)
     for rows in (x[:1], x):  # decode, then prefill

@@ -11,7 +11,8 @@ The matrix product has two shapes. Decode (a few token rows) reads every weight 
 step and is bound by memory bandwidth: the `matvec*` kernels stream each weight row once,
 for all token rows, widening float16 or int8 weights on the fly. Prefill (many token rows)
 does many multiply-adds per weight and is bound by arithmetic: the `gemm*` kernels cut the
-weights into panels that stay in cache and multiply 4 x 4 register tiles.
+weights into panels that stay in cache and multiply register tiles of 8 weight rows by 32
+token rows, written with the explicit SIMD vectors of simd.py (float32 only).
 """
 
 import math
@@ -24,13 +25,23 @@ from numba.extending import intrinsic
 
 from tinyinfer.quantize import BLOCK
 
+from . import simd
+
 # "reassoc" lets LLVM add a long sum in several SIMD lanes at once (another summation
 # order, as BLAS uses); "contract" lets it fuse a * b + c into one FMA instruction. The
 # other fastmath flags assume no inf or NaN, so we leave them out: those still propagate.
 FASTMATH = {"reassoc", "contract"}
 PREFETCH_BYTES = 4096  # how far ahead of its reads int8 and float16 decode asks for weights
-TILE = 4  # a prefill register tile: 4 token rows x 4 weight rows, 16 running sums
-PANEL = 32  # weight (and token) rows per prefill task: 32 x 768 float32 is 96 KiB, kept in L2
+# Token rows from which a matrix product takes the prefill (gemm) kernels instead of matvec.
+# Measured (float32, 2 threads): matvec is faster up to 8 rows and even at 12; the gemm, whose
+# 16-lane vectors are then mostly padding below 16 rows, wins from 16 (16 rows of a
+# [768, 288] matrix: 46 against 79 µs). float16 and int8 matvec spend longer widening each
+# weight for each row, so the gemm (which widens each weight once) wins from 8 rows.
+GEMM_MIN_ROWS = 12
+GEMM_MIN_ROWS_WIDENED = 8
+TILE_ROWS = 8  # weight rows in a prefill register tile (x 32 token rows: 16 SIMD running sums)
+PANEL = 32  # weight rows per prefill task: 4 tiles; a 288-row matrix is 9 tasks, 5:4 on 2 threads
+TOKEN_BLOCK = 256  # token rows a prefill task multiplies a tile by, while they stay in L2
 
 
 # ---- float16 weights -----------------------------------------------------------------------
@@ -157,62 +168,85 @@ def matvec_q8(x, values, scales, out):
 
 # ---- prefill: many token rows, compute-bound -----------------------------------------------
 @njit(fastmath=FASTMATH, cache=True)
-def _tile(x, t, w, r, out, o):
-    """out[t:t+4, o:o+4] = x[t:t+4] @ w[r:r+4].T, the 16 sums held in registers.
+def _tile(x_t, t, w, r, out, o, tokens):
+    """out[t : t+32, o : o+8] = x[t : t+32] @ w[r : r+8].T, from x_t: [in, padded tokens], the
+    token rows transposed (`_token_columns`), so that x_t[i, t : t+16] is one SIMD vector.
 
-    A plain dot product loads two numbers per multiply-add; here each loaded x and w value
-    feeds four, so the loop runs at the speed of the FMA units, not of the loads. LLVM
-    vectorises the loop over i, each sum becoming one SIMD register."""
-    zero = np.float32(0)
-    s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = zero
-    s20 = s21 = s22 = s23 = s30 = s31 = s32 = s33 = zero
-    for i in range(x.shape[1]):
-        x0, x1, x2, x3 = x[t, i], x[t + 1, i], x[t + 2, i], x[t + 3, i]
+    An outer product (see simd.py): 16 vectors of running sums, 8 weight rows x 2 vectors of 16
+    token rows, stay in registers. Each step over `in` loads 2 vectors of x and 8 weights and
+    does 16 vector multiply-adds: 256 multiply-adds for 10 loads. When 16 or fewer token rows
+    are left, the second vector is skipped (LLVM makes the loop twice, with and without it).
+    Rows past `tokens` are padding: computed, never stored.
+
+    It replaced a 4 x 4 tile of scalar sums, which LLVM vectorised the other way (each sum a
+    256-bit vector of partial sums over `in`): measured side by side on [2048, 768] and
+    [768, 768] matrices, 128 token rows went from ~170-190 to ~210-250 GFLOP/s (OpenBLAS:
+    ~210-240), 16 token rows from ~115 to ~140-160."""
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = simd.zeros()
+    b0 = b1 = b2 = b3 = b4 = b5 = b6 = b7 = simd.zeros()
+    both = tokens - t > simd.LANES
+    for i in range(w.shape[1]):
         w0, w1, w2, w3 = w[r, i], w[r + 1, i], w[r + 2, i], w[r + 3, i]
-        s00 += x0 * w0; s01 += x0 * w1; s02 += x0 * w2; s03 += x0 * w3  # noqa: E702
-        s10 += x1 * w0; s11 += x1 * w1; s12 += x1 * w2; s13 += x1 * w3  # noqa: E702
-        s20 += x2 * w0; s21 += x2 * w1; s22 += x2 * w2; s23 += x2 * w3  # noqa: E702
-        s30 += x3 * w0; s31 += x3 * w1; s32 += x3 * w2; s33 += x3 * w3  # noqa: E702
-    out[t, o], out[t, o + 1], out[t, o + 2], out[t, o + 3] = s00, s01, s02, s03
-    out[t + 1, o], out[t + 1, o + 1], out[t + 1, o + 2], out[t + 1, o + 3] = s10, s11, s12, s13
-    out[t + 2, o], out[t + 2, o + 1], out[t + 2, o + 2], out[t + 2, o + 3] = s20, s21, s22, s23
-    out[t + 3, o], out[t + 3, o + 1], out[t + 3, o + 2], out[t + 3, o + 3] = s30, s31, s32, s33
+        w4, w5, w6, w7 = w[r + 4, i], w[r + 5, i], w[r + 6, i], w[r + 7, i]
+        x0 = simd.load(x_t, i, t)
+        a0, a1 = simd.multiply_add(w0, x0, a0), simd.multiply_add(w1, x0, a1)
+        a2, a3 = simd.multiply_add(w2, x0, a2), simd.multiply_add(w3, x0, a3)
+        a4, a5 = simd.multiply_add(w4, x0, a4), simd.multiply_add(w5, x0, a5)
+        a6, a7 = simd.multiply_add(w6, x0, a6), simd.multiply_add(w7, x0, a7)
+        if both:
+            x1 = simd.load(x_t, i, t + simd.LANES)
+            b0, b1 = simd.multiply_add(w0, x1, b0), simd.multiply_add(w1, x1, b1)
+            b2, b3 = simd.multiply_add(w2, x1, b2), simd.multiply_add(w3, x1, b3)
+            b4, b5 = simd.multiply_add(w4, x1, b4), simd.multiply_add(w5, x1, b5)
+            b6, b7 = simd.multiply_add(w6, x1, b6), simd.multiply_add(w7, x1, b7)
+    first, second = min(simd.LANES, tokens - t), min(simd.LANES, tokens - t - simd.LANES)
+    for k, acc in enumerate((a0, a1, a2, a3, a4, a5, a6, a7)):
+        simd.store_column(out, t, o + k, acc, first)
+    for k, acc in enumerate((b0, b1, b2, b3, b4, b5, b6, b7)):
+        simd.store_column(out, t + simd.LANES, o + k, acc, second)
+
+
+@njit(parallel=True, cache=True)
+def _token_columns(x):
+    """x: [tokens, in] -> x_t: [in, tokens rounded up to 32], x transposed, zero-padded: the
+    layout `_tile` loads 16 token rows at a time from. Small next to the product it feeds."""
+    x_t = np.zeros((x.shape[1], -(-x.shape[0] // (2 * simd.LANES)) * 2 * simd.LANES), np.float32)
+    for i in prange(x.shape[1]):
+        for t in range(x.shape[0]):
+            x_t[i, t] = x[t, i]
+    return x_t
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _panel_product(x, panel, out, o_start):
-    """out[:, o_start : o_start + rows] = x @ panel.T. x: [tokens, in], panel: [rows, in].
-    Whole 4 x 4 tiles go through `_tile`; the ragged last rows and columns are plain dots.
+def _panel_product(x, x_t, panel, out, o_start):
+    """out[:, o_start : o_start + rows] = x @ panel.T. x: [tokens, in], x_t: the same rows as
+    `_token_columns` lays them out, panel: [rows, in]. Whole tiles of 8 weight rows go through
+    `_tile`; ragged last rows (rows not a multiple of 8) are plain dot products.
 
-    Token rows go in blocks of PANEL, so the block and the panel both stay in L2. Within a
-    block the weight rows are the outer loop: 4 rows just read serve every token row of the
-    block at once, while the next 4 are prefetched. With 16 token rows and weights coming
-    from memory, that ran at ~105 GFLOP/s against ~80 with the token rows outside."""
+    Token rows go in blocks of TOKEN_BLOCK (256 x 768 float32 is 768 KiB, kept in L2); within
+    a block, 8 weight rows (24 KiB, kept in L1) serve every token row before the next 8."""
     tokens, rows = x.shape[0], panel.shape[0]
-    full_t, full_r = tokens - tokens % TILE, rows - rows % TILE
-    for block in range(0, full_t, PANEL):
-        for r in range(0, full_r, TILE):
-            for ahead in range(r + TILE, min(r + 2 * TILE, rows)):
-                for column in range(0, panel.shape[1], 64 // panel.itemsize):
-                    _prefetch(panel, ahead, column)
-            for t in range(block, min(block + PANEL, full_t), TILE):
-                _tile(x, t, panel, r, out, o_start + r)
-    for t in range(tokens):
-        for r in range(rows):
-            if t >= full_t or r >= full_r:
-                out[t, o_start + r] = _dot(x[t], panel[r])
+    full = rows - rows % TILE_ROWS
+    for block in range(0, tokens, TOKEN_BLOCK):
+        for r in range(0, full, TILE_ROWS):
+            for t in range(block, min(block + TOKEN_BLOCK, tokens), 2 * simd.LANES):
+                _tile(x_t, t, panel, r, out, o_start + r, tokens)
+    for r in range(full, rows):
+        for t in range(tokens):
+            out[t, o_start + r] = _dot(x[t], panel[r])
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def gemm(x, w, out):
-    """out = x @ w.T for many rows. x: [tokens, in], w: [out, in] -> out: [tokens, out].
+    """out = x @ w.T for many rows, float32. x: [tokens, in], w: [out, in] -> out: [tokens, out].
     The threads split the weight rows into panels of PANEL rows; a panel is read from memory
     once and reused from cache by every token row. Small panels keep two threads even: a
     288-row matrix is 9 panels of 32 (5 and 4 per thread), where panels of 64 made 5 (192 and
     96 rows); measured on the 15M shape, batch-16 serving ran ~4 % and pp128 3-7 % faster."""
+    x_t = _token_columns(x)
     for p in prange((w.shape[0] + PANEL - 1) // PANEL):
         start = p * PANEL
-        _panel_product(x, w[start : start + PANEL], out, start)
+        _panel_product(x, x_t, w[start : start + PANEL], out, start)
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
@@ -220,13 +254,14 @@ def gemm_f16(x, w_bits, out):
     """gemm with float16 weights (bits [out, in] uint16): each panel is widened to float32
     once, into a buffer of its own, then multiplied by every token row."""
     rows, columns = w_bits.shape
+    x_t = _token_columns(x)
     for p in prange((rows + PANEL - 1) // PANEL):
         start, stop = p * PANEL, min((p + 1) * PANEL, rows)
         panel = np.empty((stop - start, columns), np.float32)
         for r in range(stop - start):
             for i in range(columns):
                 panel[r, i] = half_to_float(w_bits[start + r, i])
-        _panel_product(x, panel, out, start)
+        _panel_product(x, x_t, panel, out, start)
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
@@ -235,13 +270,14 @@ def gemm_q8(x, values, scales, out):
     the very products of `dequantize`) into a buffer of its own, then multiplied by every
     token row. Only PANEL rows are ever rebuilt at once, never the whole matrix."""
     rows, columns = values.shape
+    x_t = _token_columns(x)
     for p in prange((rows + PANEL - 1) // PANEL):
         start, stop = p * PANEL, min((p + 1) * PANEL, rows)
         panel = np.empty((stop - start, columns), np.float32)
         for r in range(stop - start):
             for i in range(columns):
                 panel[r, i] = values[start + r, i] * scales[start + r, i // BLOCK]
-        _panel_product(x, panel, out, start)
+        _panel_product(x, x_t, panel, out, start)
 
 
 # ---- the other ops -----------------------------------------------------------------------------
@@ -298,7 +334,10 @@ def paged_attention(q, key_pool, value_pool, block_tables, row_sequence, row_pos
     key. The online softmax of the CUDA kernel (one pass, rescaling whenever the max grows)
     saves the buffer but measured slower here: 0.35 against 0.31 ms for 16 sequences x 6 heads
     x 200 keys, 13.4 against 10 ms for a prefill of 16 x 128 tokens. Walking each block's rows
-    in order, instead of dividing every position by block_size, then made those 0.26 and 8 ms."""
+    in order, instead of dividing every position by block_size, then made those 0.26 and 8 ms.
+    Then, in one later run: turning all the scores into weights first (one float32 exp each,
+    where the max had made them float64), before the pass over the values, took 0.37 and
+    9.8 ms to 0.31 and 6.9, and a 110M-shape prefill layer (128 tokens, 12 heads) 1.7 to 1.2."""
     rows, num_heads, head_dim = q.shape
     block_size = key_pool.shape[1]
     group = num_heads // key_pool.shape[2]
@@ -308,21 +347,21 @@ def paged_attention(q, key_pool, value_pool, block_tables, row_sequence, row_pos
         table, kv, visible = block_tables[row_sequence[r]], h // group, row_position[r] + 1
         query = q[r, h]
         scores = np.empty(visible, q.dtype)
-        largest = -np.inf
         for b in range((visible + block_size - 1) // block_size):  # the sequence's blocks in order
             keys = key_pool[table[b]]
             for offset in range(min(block_size, visible - b * block_size)):
-                score = _dot(query, keys[offset, kv]) * scale
-                scores[b * block_size + offset] = score
-                largest = max(largest, score)
+                scores[b * block_size + offset] = _dot(query, keys[offset, kv]) * scale
+        largest = scores.max()  # in q's dtype, so that exp is float32 for float32 (2x faster)
+        total = np.float32(0)
+        for j in range(visible):  # the weights, in place of the scores
+            scores[j] = math.exp(scores[j] - largest)
+            total += scores[j]
         acc = out[r, h]
         acc[:] = 0
-        total = 0.0
         for b in range((visible + block_size - 1) // block_size):
             values = value_pool[table[b]]
             for offset in range(min(block_size, visible - b * block_size)):
-                p = math.exp(scores[b * block_size + offset] - largest)
-                total += p
+                p = scores[b * block_size + offset]
                 for d in range(head_dim):
                     acc[d] += p * values[offset, kv, d]
         for d in range(head_dim):

@@ -5,11 +5,12 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from numba import njit
 
 import tinyinfer
 from test_engine import scattered_batch
 from test_hf_parity import golden
-from tinyinfer.kernels import numba_kernels
+from tinyinfer.kernels import numba_kernels, simd
 from tinyinfer.kernels.numba_backend import _CompileNotice
 from tinyinfer.ops import get_backend
 from tinyinfer.quantize import BLOCK, Q8Weight, dequantize, quantize_q8_0
@@ -39,10 +40,30 @@ def assert_same_sum(ours, ref, x, w, extra=0.0):
 
 
 # ---- matmul -------------------------------------------------------------------------------------
-# Fewer than 4 token rows take the decode kernels, more the prefill ones; more than 32 output
-# rows split into several panels; sizes that are not multiples of 4 leave ragged tiles.
-TOKENS = st.one_of(st.integers(1, 9), st.integers(60, 70))
+# Up to 11 token rows take the decode kernels (7 with float16 or int8 weights), more the
+# prefill ones, whose tiles take 8 weight rows by 16 or 32 token rows; more than 32 output rows
+# split into several panels; sizes that are not multiples of those leave ragged tiles.
+TOKENS = st.one_of(st.integers(1, 20), st.integers(28, 70))
 OUT_FEATURES = st.one_of(st.integers(1, 9), st.integers(60, 140))
+
+
+@njit
+def _simd_round_trip(x, out, count):
+    """2 * x[0, 1:17] as one vector, its first `count` lanes written down out[1:, 2]."""
+    doubled = simd.multiply_add(np.float32(2), simd.load(x, 0, 1), simd.zeros())
+    simd.store_column(out, 1, 2, doubled, count)
+
+
+@pytest.mark.parametrize("count", [0, 5, 16])
+def test_simd_vector_writes_only_its_lanes(count):
+    """The prefill tiles store padded vectors with a lane count; a lane past it must not be
+    written (it would land past the output's last row, outside the array)."""
+    x = np.arange(40, dtype=np.float32).reshape(2, 20)
+    out = np.full((18, 4), -1, np.float32)
+    _simd_round_trip(x, out, count)
+    expected = np.full((18, 4), -1, np.float32)
+    expected[1 : 1 + count, 2] = 2 * x[0, 1 : 1 + count]
+    assert np.array_equal(out, expected)
 
 
 @settings(max_examples=40, deadline=None)
@@ -169,12 +190,15 @@ def test_silu_mul_matches_numpy(shape, dtype, seed):
 def test_softmax_matches_numpy(shape, dtype, seed):
     """exp of each shifted value and a sum of at most 100 positive terms (relative error
     <= 100 u in any order): relative 1e-5 in float32, 1e-13 in float64. Scaled by 100 so
-    that an unshifted exp would overflow."""
+    that an unshifted exp would overflow, and some weights underflow: below the dtype's
+    smallest normal number (tiny) a value has only absolute precision, so there the relative
+    bound becomes an absolute one, rtol * tiny."""
     rng = np.random.default_rng(seed)
     x = random(rng, shape, dtype) * 100
     ours, ref = ops.softmax(x), reference.softmax(x)
     assert ours.dtype == ref.dtype
-    np.testing.assert_allclose(ours, ref, rtol=1e-5 if dtype == np.float32 else 1e-13, atol=1e-300)
+    rtol = 1e-5 if dtype == np.float32 else 1e-13
+    np.testing.assert_allclose(ours, ref, rtol=rtol, atol=rtol * np.finfo(dtype).tiny)
 
 
 def test_embedding_gathers_the_same_rows_and_rejects_ids_outside_the_vocabulary():
