@@ -63,15 +63,14 @@ class NumbaBackend(NumpyBackend):
 
     def quantized_matmul(self, x: np.ndarray, w: Q8Weight, bias: np.ndarray | None = None) -> np.ndarray:
         """x: [tokens, in] times int8 blocks w (values [out, in], scales [out, in // 32]) ->
-        [tokens, out], without ever rebuilding the whole float matrix."""
-        if x.dtype not in KERNEL_DTYPES:
+        [tokens, out], without ever rebuilding the whole float matrix. float32 only (the
+        kernels use simd.py's float32 vectors); float64 takes the reference."""
+        if x.dtype != np.float32:
             return super().quantized_matmul(x, w, bias)
         rows, out = _rows_and_output(x, w.shape)
         if w.scales.shape != (w.shape[0], w.shape[1] // BLOCK) or w.shape[1] % BLOCK:
             raise ValueError(f"int8 weight {w.shape} needs scales of shape [out, in // {BLOCK}], got {w.scales.shape}")
         decode = rows.shape[0] < kernels.GEMM_MIN_ROWS_WIDENED
-        if not decode and x.dtype != np.float32:
-            return super().quantized_matmul(x, w, bias)
         values, scales = np.ascontiguousarray(w.values), np.ascontiguousarray(w.scales, dtype=np.float32)
         (kernels.matvec_q8 if decode else kernels.gemm_q8)(rows, values, scales, out)
         return _finish(out, x, bias)

@@ -6,10 +6,11 @@ prefill matrix product it sees fit badly: it makes each running sum of a registe
 written the other way round, as an outer product: one vector holds 16 *different* outputs
 (here 16 token rows of one output column), and each step multiplies it by a single weight,
 broadcast to every lane. Nothing is summed across lanes, and a loaded vector feeds as many
-multiply-adds as there are weight rows in the tile.
+multiply-adds as there are weight rows in the tile. The int8 decode kernel uses the same
+vectors to widen 16 weights at once and scale them by their block's scale.
 
 LLVM has vector types; Numba does not expose them, so this file adds one, `float32x16`
-(LLVM's <16 x float>, one AVX-512 register), with the four operations a micro-kernel needs.
+(LLVM's <16 x float>, one AVX-512 register), with the few operations the kernels need.
 Each is a Numba `intrinsic`: a few lines of LLVM IR, inlined where they are called, so a
 loop over them compiles to the same instructions as a hand-written C kernel (vbroadcastss,
 vfmadd231ps on zmm registers). On a CPU without AVX-512 LLVM splits each vector in two.
@@ -71,6 +72,53 @@ def load(typingctx, array, row, column):
         return builder.load(builder.bitcast(address, _VECTOR.as_pointer()), align=4)
 
     return float32x16(array, row, column), codegen
+
+
+@intrinsic
+def load_int8(typingctx, array, row, column):
+    """array[row, column : column + 16] of a C-contiguous int8 array, widened to float32
+    (exactly: every int8 is a float32). On x86 one vpmovsxbd and one vcvtdq2ps."""
+    if not (isinstance(array, types.Array) and array.ndim == 2 and array.dtype == types.int8):
+        return None
+
+    def codegen(context, builder, signature, args):
+        address = _address(context, builder, signature.args[0], args[0], args[1:])
+        int8s = builder.load(builder.bitcast(address, ir.VectorType(ir.IntType(8), LANES).as_pointer()), align=1)
+        return builder.sitofp(int8s, _VECTOR)
+
+    return float32x16(array, row, column), codegen
+
+
+@intrinsic
+def multiply(typingctx, a, b):
+    """a * b, lane by lane."""
+    if a != float32x16 or b != float32x16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fmul(*args)
+
+    return float32x16(float32x16, float32x16), codegen
+
+
+@intrinsic
+def sum_lanes(typingctx, vector):
+    """The sum of the 16 lanes, added pairwise: halves, then quarters... (4 vector adds)."""
+    if vector != float32x16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        (total,) = args
+        width = LANES
+        while width > 1:
+            width //= 2
+            low = builder.shuffle_vector(total, total, ir.Constant(ir.VectorType(_INT32, width), list(range(width))))
+            high = builder.shuffle_vector(total, total, ir.Constant(ir.VectorType(_INT32, width),
+                                                                    list(range(width, 2 * width))))
+            total = builder.fadd(low, high)
+        return builder.extract_element(total, _INT32(0))
+
+    return types.float32(float32x16), codegen
 
 
 @intrinsic
