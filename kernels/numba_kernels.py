@@ -390,12 +390,51 @@ def paged_attention(q, key_pool, value_pool, block_tables, row_sequence, row_pos
             acc[d] /= total
 
 
+@intrinsic
+def _float_from_bits(typingctx, bits):
+    """The low 32 bits of an integer -> the float32 with those bits (how `_exp` builds 2**n)."""
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.trunc(args[0], ir.IntType(32)) if bits.bitwidth > 32 else args[0],
+                               ir.FloatType())
+
+    return types.float32(bits), codegen
+
+
+@njit(cache=True)
+def _exp(x):
+    """e**x for float32 x, within ~2 ulps, in plain arithmetic, so that LLVM vectorises a loop
+    that calls it (libm's expf is a function call, one number at a time; Numba has no vector
+    math library here). Cephes' expf: e**x = 2**n * e**r with n = round(x / ln 2) and
+    |r| <= ln(2) / 2, e**r by a degree-7 polynomial, 2**n by writing n into the exponent
+    bits. x is clamped to [-87.3, 88.3], where 2**n stays a normal float32: e**x then never
+    overflows to inf (88.3 gives 2.1e38) and never reaches 0 (-87.3 gives 1.2e-38)."""
+    x = min(max(x, _EXP_LOW), _EXP_HIGH)
+    n = np.floor(x * _LOG2_E + _HALF)  # a whole number, as a float32
+    r = x - n * _LN2_HIGH - n * _LN2_LOW  # ln 2 in two parts: n * _LN2_HIGH is exact
+    p = _EXP_P0
+    for c in (_EXP_P1, _EXP_P2, _EXP_P3, _EXP_P4, _EXP_P5):
+        p = p * r + c
+    return (p * r * r + r + _ONE) * _float_from_bits((np.int32(n) + 127) << 23)
+
+
+_EXP_LOW, _EXP_HIGH = np.float32(-87.3), np.float32(88.3)
+_LOG2_E, _HALF, _ONE = np.float32(1.44269504088896341), np.float32(0.5), np.float32(1)
+_LN2_HIGH, _LN2_LOW = np.float32(0.693359375), np.float32(-2.12194440e-4)
+_EXP_P0, _EXP_P1, _EXP_P2 = np.float32(1.9875691500e-4), np.float32(1.3981999507e-3), np.float32(8.3334519073e-3)
+_EXP_P3, _EXP_P4, _EXP_P5 = np.float32(4.1665795894e-2), np.float32(1.6666665459e-1), np.float32(5.0000001201e-1)
+
+
 @njit(parallel=True, cache=True)
 def silu_mul(gate, up, out):
-    """gate, up, out: [n] flat. silu(g) * u = g / (1 + exp(-g)) * u; a very negative g makes
-    exp(-g) inf and the quotient the right limit, 0."""
+    """gate, up, out: [n] flat float32. silu(g) * u = g / (1 + exp(-g)) * u. With `_exp` the
+    loop runs 16 numbers at a time: 128 x 2048 of them (a 110M-shape prefill layer) took
+    ~0.55 ms with libm's expf. A very negative g gives exp(-g) = 2.1e38 and the quotient
+    (-g / 2.1e38, below 1e-36) the right limit, 0, to within float32's smallest numbers."""
     for i in prange(gate.size):
-        out[i] = gate[i] / (1.0 + np.exp(-gate[i])) * up[i]
+        out[i] = gate[i] / (_ONE + _exp(-gate[i])) * up[i]
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
