@@ -3,7 +3,9 @@
 Arrays stay plain NumPy arrays on the host, so moving them (`to_device`, `to_numpy`, `zeros`)
 is inherited from the NumPy reference. Each op checks its inputs, allocates the output and
 calls a kernel. Numba has no float16 arithmetic, so float16 compute (and any mix of dtypes
-the kernels were not compiled for) falls back to the reference, which defines the answer.
+the kernels were not compiled for) falls back to the reference, which defines the answer. So
+does float64 for the ops whose kernels are written with simd.py's float32 vectors (the
+prefill GEMMs, int8 matmuls, silu_mul): float64 is a dtype for checking, not for speed.
 """
 
 import sys

@@ -13,7 +13,8 @@ LLVM has vector types; Numba does not expose them, so this file adds one, `float
 (LLVM's <16 x float>, one AVX-512 register), with the few operations the kernels need.
 Each is a Numba `intrinsic`: a few lines of LLVM IR, inlined where they are called, so a
 loop over them compiles to the same instructions as a hand-written C kernel (vbroadcastss,
-vfmadd231ps on zmm registers). On a CPU without AVX-512 LLVM splits each vector in two.
+vfmadd231ps on zmm registers). On a CPU without AVX-512 LLVM splits each vector into two
+(AVX2) or four (ARM NEON) registers: the same numbers everywhere, fastest with AVX-512.
 
 Numba's on-disk cache keys each kernel on its own file: after changing this one, touch
 numba_kernels.py (or delete kernels/__pycache__), or the kernels keep the old code.
