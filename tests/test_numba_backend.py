@@ -76,6 +76,18 @@ def test_matmul_matches_numpy(tokens, out_features, in_features, with_bias, dtyp
     assert_same_sum(ops.matmul(x, w, bias), reference.matmul(x, w, bias), x, w)
 
 
+@pytest.mark.parametrize("storage", ["float32", "float16", "int8"])
+def test_long_prefill_crosses_token_blocks(storage):
+    """More token rows than a prefill task's TOKEN_BLOCK (and not a multiple of 16), with
+    ragged weight rows: every block and every padded lane must land in the right place."""
+    rng = np.random.default_rng(7)
+    tokens = numba_kernels.TOKEN_BLOCK + 45
+    x, w = random(rng, (tokens, 64), np.float32), random(rng, (37, 64), np.float32)
+    weight = {"float32": w, "float16": w.astype(np.float16), "int8": quantize_q8_0(w)}[storage]
+    widened = dequantize(weight) if storage == "int8" else np.asarray(weight, np.float32)
+    assert_same_sum(ops.matmul(x, weight), reference.matmul(x, weight), x, widened, 2 * U[np.dtype(np.float32)])
+
+
 @settings(max_examples=30, deadline=None)
 @given(tokens=TOKENS, out_features=OUT_FEATURES, in_features=st.integers(1, 80), dtype=DTYPES, seed=SEEDS)
 def test_float16_stored_matmul_matches_numpy(tokens, out_features, in_features, dtype, seed):
