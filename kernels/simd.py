@@ -65,8 +65,9 @@ def zeros(typingctx):
 @intrinsic
 def load(typingctx, array, row, column):
     """array[row, column : column + 16] of a C-contiguous float32 [rows, columns] array."""
-    if not (isinstance(array, types.Array) and array.ndim == 2 and array.dtype == types.float32):
-        return None
+    if not (isinstance(array, types.Array) and array.ndim == 2 and array.layout == "C"
+            and array.dtype == types.float32):
+        return None  # 16 neighbours in memory only in a C-contiguous array: others do not compile
 
     def codegen(context, builder, signature, args):
         address = _address(context, builder, signature.args[0], args[0], args[1:])
@@ -79,7 +80,7 @@ def load(typingctx, array, row, column):
 def load_int8(typingctx, array, row, column):
     """array[row, column : column + 16] of a C-contiguous int8 array, widened to float32
     (exactly: every int8 is a float32). On x86 one vpmovsxbd and one vcvtdq2ps."""
-    if not (isinstance(array, types.Array) and array.ndim == 2 and array.dtype == types.int8):
+    if not (isinstance(array, types.Array) and array.ndim == 2 and array.layout == "C" and array.dtype == types.int8):
         return None
 
     def codegen(context, builder, signature, args):
