@@ -104,6 +104,10 @@ class CupyBackend:
             return Q8Weight(self.cp.asarray(array.values), self.cp.asarray(array.scales))
         return self.cp.asarray(array, dtype=dtype)
 
+    def load_weights(self, weights):
+        """ModelWeights -> the same weights in GPU memory, array by array."""
+        return weights.map(self.to_device)
+
     def to_numpy(self, array) -> np.ndarray:
         return self.cp.asnumpy(array)
 

@@ -1,6 +1,9 @@
 """The Numba backend against the NumPy reference: every op on random shapes and dtypes, then
 whole models against the golden outputs of transformers and against the NumPy backend."""
 
+import dataclasses
+import mmap
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -11,9 +14,10 @@ import tinyinfer
 from test_engine import scattered_batch
 from test_hf_parity import golden
 from tinyinfer.kernels import numba_kernels, simd
+from tinyinfer.kernels.huge_pages import ALIGNMENT, HugePageArena
 from tinyinfer.kernels.numba_backend import _CompileNotice
 from tinyinfer.ops import get_backend
-from tinyinfer.quantize import BLOCK, Q8Weight, dequantize, quantize_q8_0
+from tinyinfer.quantize import BLOCK, Q8Weight, dequantize, quantize_q8_0, store_weights
 
 ops = get_backend("numba")
 reference = get_backend("numpy")
@@ -274,6 +278,68 @@ def test_the_compile_notice_is_one_line_however_many_functions_compile(capsys):
         njit(lambda a: a + 1)(1)
         njit(lambda a: a * 2)(1.0)
     assert capsys.readouterr().err.count("\n") == 1
+
+
+# ---- loading weights ----------------------------------------------------------------------------
+def _allocation(array: np.ndarray):
+    """The object that owns an array's memory (an arena's mmap, or the array itself)."""
+    while isinstance(array.base, np.ndarray):
+        array = array.base
+    return array if array.base is None else array.base
+
+
+def _numpy_arrays(weights):
+    return [piece for a in weights.arrays() for piece in ([a.values, a.scales] if isinstance(a, Q8Weight) else [a])]
+
+
+def test_load_weights_copies_every_weight_once_into_one_aligned_read_only_arena(tiny_llm):
+    """Every array (int8 values and scales too) keeps its values, dtype and shape, starts on a
+    cache line, cannot be written, and shares one allocation; a tied LM head stays the embedding."""
+    stored = store_weights(tiny_llm.model.weights, "int8")
+    stored = dataclasses.replace(stored, lm_head=stored.embedding)  # tied
+    loaded = ops.load_weights(stored)
+    assert loaded.lm_head is loaded.embedding
+    before, after = _numpy_arrays(stored), _numpy_arrays(loaded)
+    assert len(after) == len(before) > 10
+    for old, new in zip(before, after):
+        np.testing.assert_array_equal(new, old)
+        assert new.dtype == old.dtype and new.flags.c_contiguous and not new.flags.writeable
+        assert new.ctypes.data % ALIGNMENT == 0
+    assert len({id(_allocation(new)) for new in after}) == 1
+
+
+@pytest.mark.skipif(not hasattr(mmap, "MADV_HUGEPAGE"), reason="transparent huge pages are a Linux feature")
+def test_the_weight_arena_asks_linux_for_huge_pages():
+    """/proc/self/smaps marks memory advised MADV_HUGEPAGE with the VmFlag "hg" (whether the
+    kernel grants huge pages also depends on the system's THP setting, so that is not asserted)."""
+    arena = HugePageArena(8 << 20)
+    address = arena.memory.ctypes.data
+    flags = None
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            if "-" in line.split()[0] and ":" not in line.split()[0]:
+                start, end = (int(a, 16) for a in line.split()[0].split("-"))
+                inside = start <= address < end
+            elif inside and line.startswith("VmFlags:"):
+                flags = line.split()[1:]
+                break
+    assert flags is not None and "hg" in flags
+
+
+def test_the_arena_starts_every_array_on_a_cache_line_whatever_came_before():
+    odd_sizes = [np.arange(3, dtype=np.float32), np.arange(7, dtype=np.int8), np.arange(5.0)]
+    arena = HugePageArena(HugePageArena.bytes_needed(odd_sizes))
+    for array in odd_sizes:
+        placed = arena.copy(array)
+        assert placed.ctypes.data % ALIGNMENT == 0
+        np.testing.assert_array_equal(placed, array)
+
+
+def test_a_full_arena_says_so_instead_of_writing_past_its_end():
+    arena = HugePageArena(HugePageArena.bytes_needed([np.zeros(8)]))  # 64 bytes + 64 of padding
+    arena.copy(np.zeros(8))
+    with pytest.raises(MemoryError, match="arena of 128 bytes is full"):
+        arena.copy(np.zeros(9))
 
 
 # ---- whole models -------------------------------------------------------------------------------

@@ -57,7 +57,7 @@ class LLM:
         self.ops = ops
         self.dtype = np.dtype(dtype)
         self.path = path
-        device_weights = weights.map(ops.to_device)  # onto the backend's device
+        device_weights = ops.load_weights(weights)  # onto the backend's device
         self.model = Transformer(config, device_weights, ops, dtype)
         eos = list(config.eos_token_ids) + (tokenizer.eos_token_ids if tokenizer else [])
         self.eos_token_ids = sorted(set(eos))

@@ -32,6 +32,11 @@ class NumpyBackend:
             return array
         return np.asarray(array, dtype=dtype)
 
+    def load_weights(self, weights):
+        """ModelWeights -> the same weights on this backend's device, each array through
+        `to_device` (so a memory-mapped checkpoint stays a memory map, read as it is touched)."""
+        return weights.map(self.to_device)
+
     def to_numpy(self, array: np.ndarray) -> np.ndarray:
         return np.asarray(array)
 
