@@ -142,6 +142,20 @@ def multiply_add(typingctx, scalar, vector, acc):
 
 
 @intrinsic
+def multiply_add_lanes(typingctx, a, b, acc):
+    """acc + a * b, lane by lane, as one fused multiply-add (llvm.fma)."""
+    if a != float32x16 or b != float32x16 or acc != float32x16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VECTOR, [_VECTOR] * 3),
+                                             "llvm.fma.v16f32")
+        return builder.call(fma, list(args))
+
+    return float32x16(float32x16, float32x16, float32x16), codegen
+
+
+@intrinsic
 def store_column(typingctx, out, row, column, vector, count):
     """out[row + lane, column] = vector[lane] for the first `count` lanes (count <= 16): a
     vector of 16 token rows of one output column, written down that column."""

@@ -104,10 +104,10 @@ def test_float16_stored_matmul_matches_numpy(tokens, out_features, in_features, 
 @settings(max_examples=30, deadline=None)
 @given(tokens=TOKENS, out_features=OUT_FEATURES, blocks=st.integers(1, 4), dtype=DTYPES, seed=SEEDS)
 def test_int8_matmul_matches_numpy(tokens, out_features, blocks, dtype, seed):
-    """The reference multiplies x by value * scale rounded to float32; decode here rounds
-    x * value and then multiplies by the scale, and prefill rebuilds the reference's very
-    weights. Beyond the reordering, that is at most one float32 rounding of each weight and
-    one of each product: extra = 2 u(float32)."""
+    """The reference multiplies x by value * scale rounded to float32; decode here sums each
+    block's x * value and then multiplies that by the scale, and prefill rebuilds the
+    reference's very weights. Beyond the reordering, that is at most one float32 rounding of
+    each weight and one of each scaled block sum: extra = 2 u(float32)."""
     rng = np.random.default_rng(seed)
     x = random(rng, (tokens, blocks * BLOCK), dtype)
     w = quantize_q8_0(random(rng, (out_features, blocks * BLOCK), np.float32))
