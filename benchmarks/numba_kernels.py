@@ -6,7 +6,8 @@
 Decode multiplies one token row by each weight matrix; it must read the whole matrix, so its
 limit is memory bandwidth. To measure reads from memory (not from a cache that happens to
 hold one small matrix), each decode figure cycles through copies of the matrix filling
-512 MiB, as large as the read-bandwidth probe's array, and reports the matrix's bytes over
+512 MiB, as large as the read-bandwidth probe's array (placed in huge pages, as the Numba
+backend places a model's weights: kernels/huge_pages.py), and reports the matrix's bytes over
 the time per product as a fraction of that probe. Prefill multiplies 128 token rows: compute-
 bound, so it is reported in GFLOP/s (2 FLOPs per multiply-add). Every figure is the best of
 several runs, because other work on a shared machine only ever makes a run slower.
@@ -19,8 +20,9 @@ import numba
 import numpy as np
 
 from tinyinfer.kernels.bandwidth import read_bandwidth
+from tinyinfer.kernels.huge_pages import HugePageArena
 from tinyinfer.ops import get_backend
-from tinyinfer.quantize import quantize_q8_0
+from tinyinfer.quantize import Q8Weight, quantize_q8_0
 
 SHAPES = {  # [out, in] of a layer's matrices and the LM head
     "stories15M": {"wq": (288, 288), "w_up": (768, 288), "w_down": (288, 768), "lm_head": (32000, 288)},
@@ -50,8 +52,15 @@ def stored(w: np.ndarray, storage: str):
     return {"float32": w, "float16": w.astype(np.float16), "int8": quantize_q8_0(w)}[storage]
 
 
-def copied(weight):
-    return type(weight)(weight.values.copy(), weight.scales.copy()) if hasattr(weight, "scales") else weight.copy()
+def sweep_copies(weight) -> list:
+    """Copies of `weight` filling SWEEP_BYTES, in one huge-page arena, as the Numba backend
+    keeps a model's weights (both backends read these same copies)."""
+    count = 1 + SWEEP_BYTES // weight.nbytes
+    if isinstance(weight, Q8Weight):
+        arena = HugePageArena(count * HugePageArena.bytes_needed([weight.values, weight.scales]))
+        return [Q8Weight(arena.copy(weight.values), arena.copy(weight.scales)) for _ in range(count)]
+    arena = HugePageArena(count * HugePageArena.bytes_needed([weight]))
+    return [arena.copy(weight) for _ in range(count)]
 
 
 def measure(ops, weight, x1, x128, copies) -> tuple[float, float]:
@@ -82,7 +91,7 @@ def main():
             x128 = rng.standard_normal((PREFILL_TOKENS, shape[1]), dtype=np.float32)
             for storage in STORAGES:
                 weight = stored(w, storage)
-                copies = [weight] + [copied(weight) for _ in range(SWEEP_BYTES // weight.nbytes)]
+                copies = sweep_copies(weight)
                 (numpy_decode, numpy_prefill), (decode, prefill) = (measure(ops, weight, x1, x128, copies)
                                                                     for ops in (ops_numpy, ops_numba))
                 del copies
