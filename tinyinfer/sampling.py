@@ -47,6 +47,8 @@ class SamplingParams:
 
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, seen_ids) -> int:
     """logits: [vocab] float32 for the next position; seen_ids: the prompt and output so far."""
+    if params.greedy and params.repetition_penalty == 1.0:
+        return int(np.argmax(logits))  # widening to float64 would change no order: skip the copy
     logits = logits.astype(np.float64)  # float64 so the cumulative sums below are exact enough
     if params.repetition_penalty != 1.0:
         seen = np.unique(np.asarray(seen_ids, dtype=np.int64))
