@@ -134,9 +134,7 @@ def multiply_add(typingctx, scalar, vector, acc):
         lane0 = builder.insert_element(ir.Constant(_VECTOR, ir.Undefined), scalar, _INT32(0))
         broadcast = builder.shuffle_vector(lane0, ir.Constant(_VECTOR, ir.Undefined),
                                            ir.Constant(ir.VectorType(_INT32, LANES), None))  # lane 0 everywhere
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VECTOR, [_VECTOR] * 3),
-                                             "llvm.fma.v16f32")
-        return builder.call(fma, [broadcast, vector, acc])
+        return _fma(builder, broadcast, vector, acc)
 
     return float32x16(types.float32, float32x16, float32x16), codegen
 
@@ -148,11 +146,15 @@ def multiply_add_lanes(typingctx, a, b, acc):
         return None
 
     def codegen(context, builder, signature, args):
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VECTOR, [_VECTOR] * 3),
-                                             "llvm.fma.v16f32")
-        return builder.call(fma, list(args))
+        return _fma(builder, *args)
 
     return float32x16(float32x16, float32x16, float32x16), codegen
+
+
+def _fma(builder, a, b, acc):
+    """LLVM IR for acc + a * b on vectors, rounded once (llvm.fma: vfmadd on AVX-512)."""
+    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VECTOR, [_VECTOR] * 3), "llvm.fma.v16f32")
+    return builder.call(fma, [a, b, acc])
 
 
 @intrinsic
