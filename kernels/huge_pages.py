@@ -11,7 +11,8 @@ A memory-mapped checkpoint cannot have them (its pages are the file cache's), an
 only for arrays of 4 MiB or more, which leaves out most of a small model's matrices. So the
 Numba backend copies all the weights into one arena: one allocation, asked for huge pages,
 that small matrices share. Measured on the 110M shape, float32 decode: see the Numba
-backend's `load_weights`.
+backend's `load_weights`. A model too big for that copy (more than half the memory the
+system has available) stays memory-mapped, as on systems without huge pages: `worth_copying`.
 """
 
 import mmap
@@ -19,6 +20,27 @@ import mmap
 import numpy as np
 
 ALIGNMENT = 64  # each array starts on its own cache line
+HUGE_PAGES = hasattr(mmap, "MADV_HUGEPAGE")  # Linux; elsewhere Python has no way to ask
+
+
+def worth_copying(nbytes: int) -> bool:
+    """Whether weights of `nbytes` should be copied into an arena: only where huge pages can
+    be had (elsewhere the copy buys nothing), and only if they take at most half the memory
+    available now (/proc/meminfo's MemAvailable), so that a model near the size of RAM is
+    read from its memory map as it is touched instead of pushing the system into swap."""
+    return HUGE_PAGES and nbytes <= available_memory() // 2
+
+
+def available_memory() -> int:
+    """Bytes of memory Linux could give without swapping (MemAvailable), 0 if unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 class HugePageArena:
@@ -49,7 +71,7 @@ def _allocate(nbytes: int) -> np.ndarray:
     """[nbytes] uint8 of private anonymous memory that the kernel is asked to back with huge
     pages. (Shared memory, mmap's default, would follow a different THP setting.) Other
     systems than Linux have no MADV_HUGEPAGE in Python and get ordinary memory."""
-    if not hasattr(mmap, "MADV_HUGEPAGE"):
+    if not HUGE_PAGES:
         return np.empty(nbytes, np.uint8)
     memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     memory.madvise(mmap.MADV_HUGEPAGE)

@@ -17,7 +17,7 @@ from tinyinfer.ops.numpy_backend import NumpyBackend
 from tinyinfer.quantize import BLOCK, Q8Weight, quantize_q8_0
 
 from . import numba_kernels as kernels
-from .huge_pages import HugePageArena
+from . import huge_pages
 
 KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # the kernels called from Python; compiled once per process by `compile_kernels`
@@ -41,9 +41,17 @@ class NumbaBackend(NumpyBackend):
         time on TLB misses. Measured on the 110M shape by benchmarks/huge_pages.py (both ways
         in one process, taking turns): float32 decode 1.11-1.13x, int8 1.06-1.12x. The price:
         the weights take RAM of their own (a memory-mapped checkpoint's pages are only file
-        cache) and loading copies them once."""
+        cache) and loading copies them once. So weights that would take more than half the
+        available memory stay as they are (memory-mapped), as they do without huge pages."""
         pieces = [piece for array in weights.arrays() for piece in _pieces(array)]
-        arena = HugePageArena(HugePageArena.bytes_needed(pieces))
+        nbytes = huge_pages.HugePageArena.bytes_needed(pieces)
+        if not huge_pages.worth_copying(nbytes):
+            if huge_pages.HUGE_PAGES:
+                print(f"tinyinfer: the weights ({nbytes / 1e9:.1f} GB) stay memory-mapped: copying them into huge "
+                      f"pages would take more than half of the {huge_pages.available_memory() / 1e9:.1f} GB of "
+                      "memory available", file=sys.stderr)
+            return super().load_weights(weights)
+        arena = huge_pages.HugePageArena(nbytes)
 
         def copy(array):
             if isinstance(array, Q8Weight):

@@ -2,7 +2,6 @@
 whole models against the golden outputs of transformers and against the NumPy backend."""
 
 import dataclasses
-import mmap
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ import tinyinfer
 from test_engine import scattered_batch
 from test_hf_parity import golden
 from tinyinfer.kernels import numba_kernels, simd
+from tinyinfer.kernels import huge_pages
 from tinyinfer.kernels.huge_pages import ALIGNMENT, HugePageArena
 from tinyinfer.kernels.numba_backend import _CompileNotice
 from tinyinfer.ops import get_backend
@@ -308,7 +308,18 @@ def test_load_weights_copies_every_weight_once_into_one_aligned_read_only_arena(
     assert len({id(_allocation(new)) for new in after}) == 1
 
 
-@pytest.mark.skipif(not hasattr(mmap, "MADV_HUGEPAGE"), reason="transparent huge pages are a Linux feature")
+@pytest.mark.skipif(not huge_pages.HUGE_PAGES, reason="transparent huge pages are a Linux feature")
+def test_weights_too_big_for_half_the_available_memory_stay_memory_mapped(tiny_llm, monkeypatch, capsys):
+    stored = tiny_llm.model.weights
+    monkeypatch.setattr(huge_pages, "available_memory", lambda: stored.nbytes)  # the copy would take ~all of it
+    loaded = ops.load_weights(stored)
+    assert np.shares_memory(loaded.layers[0].wq, stored.layers[0].wq)
+    assert "stay memory-mapped" in capsys.readouterr().err
+    monkeypatch.setattr(huge_pages, "available_memory", lambda: 4 * stored.nbytes)
+    assert not np.shares_memory(ops.load_weights(stored).layers[0].wq, stored.layers[0].wq)
+
+
+@pytest.mark.skipif(not huge_pages.HUGE_PAGES, reason="transparent huge pages are a Linux feature")
 def test_the_weight_arena_asks_linux_for_huge_pages():
     """/proc/self/smaps marks memory advised MADV_HUGEPAGE with the VmFlag "hg" (whether the
     kernel grants huge pages also depends on the system's THP setting, so that is not asserted)."""
