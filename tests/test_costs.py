@@ -40,6 +40,16 @@ def test_the_counter_changes_no_result_and_counts_every_call():
     assert counter.totals["matmul"].calls == 2 and counter.totals["matmul"].flops == 2 * 2 * 4 * 32 * 8
 
 
+def test_a_model_loads_and_runs_on_a_counter_wrapping_any_backend(tiny_model_dir):
+    """The counter is a whole backend: LLM puts its weights through it and every op is counted."""
+    for name in ("numpy", "numba"):
+        counter = CostCounter(get_backend(name))
+        llm = tinyinfer.load(tiny_model_dir)
+        counted = tinyinfer.LLM(llm.config, llm.model.weights, None, counter, np.float32, llm.path)
+        np.testing.assert_allclose(counted.logits([1, 2, 3]), llm.logits([1, 2, 3]), rtol=1e-4, atol=1e-5)
+        assert counter.totals["matmul"].calls == llm.config.num_layers * 7 + 1
+
+
 def test_decode_reads_every_weight_and_prefill_reuses_them():
     bard = tinyinfer.load()
     costs = forward_costs(bard, list(range(1, 129)))

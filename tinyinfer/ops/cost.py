@@ -124,6 +124,9 @@ class CostCounter:
     def to_device(self, array, dtype=None):
         return self.backend.to_device(array, dtype)
 
+    def load_weights(self, weights):
+        return self.backend.load_weights(weights)
+
     def to_numpy(self, array):
         return self.backend.to_numpy(array)
 
