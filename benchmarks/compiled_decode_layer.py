@@ -10,14 +10,14 @@ single Numba function that calls the very same kernels from compiled code, on a 
 KV cache (llama2.c's layout). It must give the same logits bit for bit (checked before timing),
 so the difference in speed is only the cost of crossing from Python into the kernels: the
 CPU counterpart of what CUDA graphs save vLLM on a GPU. Both forward passes take turns in one
-process, 64 decode steps each, `--rounds` times; the medians are printed.
+process, 64 decode steps each, `--rounds` times (`tinyinfer.bench.decode_side_by_side`);
+the medians are printed.
 
 This is a measurement, not a second forward pass for the engine: it handles only the random
 Llama shapes of `tinyinfer bench` (no biases, no q/k norms) with float32 or int8 weights.
 """
 
 import argparse
-import statistics
 from functools import partial
 from pathlib import Path
 
@@ -25,7 +25,7 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from tinyinfer.bench import RANDOM_SHAPES, random_model, time_decode
+from tinyinfer.bench import RANDOM_SHAPES, decode_side_by_side, random_model
 from tinyinfer.kernels import numba_kernels as kernels
 from tinyinfer.llm import LLM
 from tinyinfer.kv_cache import KVCache
@@ -33,9 +33,6 @@ from tinyinfer.model.batch import ForwardBatch
 from tinyinfer.model.transformer import Transformer
 from tinyinfer.ops import get_backend
 from tinyinfer.quantize import Q8Weight, store_weights
-
-STEPS = 64
-
 
 def project(x, w, out):
     """out = x @ w.T, inside compiled code: w a float32 matrix or an int8 (values, scales) pair."""
@@ -135,12 +132,8 @@ def main():
         compiled = LLM(config, store_weights(weights, weight_format), None, get_backend("numba"), np.float32, Path(args.model))
         compiled.model.forward = partial(compiled_forward, compiled.model)
         check_same_logits(eager, compiled)
-        rng = np.random.default_rng(0)
-        speeds = {"eager": [], "compiled": []}
-        for _ in range(args.rounds):
-            for name, llm in (("eager", eager), ("compiled", compiled)):
-                speeds[name].append(STEPS / time_decode(llm, STEPS, rng))
-        slow, fast = statistics.median(speeds["eager"]), statistics.median(speeds["compiled"])
+        speeds = decode_side_by_side({"eager": eager, "compiled": compiled}, args.rounds)
+        slow, fast = speeds["eager"], speeds["compiled"]
         print(f"| {weight_format} | {slow:.1f} | {fast:.1f} | {fast / slow:.2f}x |", flush=True)
 
 

@@ -3,26 +3,22 @@
     python3 benchmarks/huge_pages.py                       # 110M shape, float32 and int8
     python3 benchmarks/huge_pages.py --model stories15M --weights float32
 
-Both models live in one process and take turns (64 decode steps each, `--rounds` times), so
-a slow stretch of a shared machine slows both alike; the medians and their ratio are printed.
+Both models live in one process and take turns (64 decode steps each, `--rounds` times:
+`tinyinfer.bench.decode_side_by_side`); the medians and their ratio are printed.
 "4 KiB pages" loads the weights array by array as the NumPy backend does (each matrix its own
 allocation, most too small for NumPy to ask for huge pages), "arena" is `load_weights`.
 """
 
 import argparse
-import statistics
 from pathlib import Path
 
 import numpy as np
 
-from tinyinfer.bench import RANDOM_SHAPES, random_model, time_decode
+from tinyinfer.bench import RANDOM_SHAPES, decode_side_by_side, random_model
 from tinyinfer.llm import LLM
 from tinyinfer.ops import get_backend
 from tinyinfer.ops.numpy_backend import NumpyBackend
 from tinyinfer.quantize import store_weights
-
-STEPS = 64
-
 
 class SmallPagesNumbaBackend(type(get_backend("numba"))):
     """The Numba backend, loading weights as the NumPy backend does (no arena)."""
@@ -41,16 +37,10 @@ def main():
     print("| --- | ---: | ---: | ---: |")
     for weight_format in args.weights.split(","):
         stored = store_weights(weights, weight_format)
-        llms = {"4k": LLM(config, stored, None, SmallPagesNumbaBackend(), np.float32, Path(args.model)),
-                "arena": LLM(config, stored, None, get_backend("numba"), np.float32, Path(args.model))}
-        rng = np.random.default_rng(0)
-        for llm in llms.values():
-            time_decode(llm, 4, rng)  # warm-up
-        speeds = {name: [] for name in llms}
-        for _ in range(args.rounds):
-            for name, llm in llms.items():
-                speeds[name].append(STEPS / time_decode(llm, STEPS, rng))
-        small, arena = statistics.median(speeds["4k"]), statistics.median(speeds["arena"])
+        speeds = decode_side_by_side({"4k": LLM(config, stored, None, SmallPagesNumbaBackend(), np.float32, Path(args.model)),
+                                      "arena": LLM(config, stored, None, get_backend("numba"), np.float32, Path(args.model))},
+                                     args.rounds)
+        small, arena = speeds["4k"], speeds["arena"]
         print(f"| {weight_format} | {small:.1f} | {arena:.1f} | {arena / small:.2f}x |")
 
 

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tinyinfer
-from tinyinfer.bench import decode_bytes_per_token
+from tinyinfer.bench import decode_bytes_per_token, decode_side_by_side
 from tinyinfer.ops import get_backend
 from tinyinfer.ops.cost import CostCounter, attention_cost, matmul_cost
 from tinyinfer.quantize import quantize_q8_0
@@ -65,3 +65,13 @@ def test_decode_reads_every_weight_and_prefill_reuses_them():
     assert costs["prefill"]["matmul"].flops == 128 * (costs["decode"]["matmul"].flops - lm_head) + lm_head
     # the lesson: prefill does far more work per byte than decode
     assert prefill.intensity > 20 * decode.intensity and decode.intensity < 1
+
+
+def test_side_by_side_decode_gives_each_named_model_its_median_speed(tiny_model_dir, monkeypatch):
+    """The A/B helper of benchmarks/: every model decodes in every round, and each gets the
+    median of its own rounds (here: 10, 30 and 20 tokens/s give 20)."""
+    llm = tinyinfer.load(tiny_model_dir)
+    elapsed = iter([1.0, 1.0] + [0.4, 1.0, 0.133, 1.0, 0.2, 1.0])  # warm-ups, then 3 rounds of (a, b)
+    monkeypatch.setattr("tinyinfer.bench.time_decode", lambda llm, tokens, rng: next(elapsed))
+    speeds = decode_side_by_side({"a": llm, "b": llm}, rounds=3, new_tokens=4)
+    assert speeds["a"] == pytest.approx(20.0) and speeds["b"] == pytest.approx(4.0)

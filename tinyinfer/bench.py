@@ -83,6 +83,20 @@ def time_decode(llm, new_tokens: int, rng) -> float:
     return time.perf_counter() - start
 
 
+def decode_side_by_side(llms: dict, rounds: int, new_tokens: int = 64) -> dict:
+    """Median decode tokens/s of each named LLM, the LLMs taking turns `rounds` times in this
+    process (after a short warm-up each), so that a slow stretch of a shared machine slows them
+    all alike: how the A/B scripts in benchmarks/ compare two ways of doing the same work."""
+    rng = np.random.default_rng(0)
+    for llm in llms.values():
+        time_decode(llm, 4, rng)
+    speeds = {name: [] for name in llms}
+    for _ in range(rounds):
+        for name, llm in llms.items():
+            speeds[name].append(new_tokens / time_decode(llm, new_tokens, rng))
+    return {name: statistics.median(values) for name, values in speeds.items()}
+
+
 def run_bench(llm, prompt_tokens: int = 128, new_tokens: int = 128, repetitions: int = 5) -> dict:
     """Median tokens/s for pp<prompt_tokens> and tg<new_tokens>, and the decode bound."""
     rng = np.random.default_rng(0)
