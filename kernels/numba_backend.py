@@ -39,7 +39,7 @@ class NumbaBackend(NumpyBackend):
         """ModelWeights -> the same weights copied into one arena of huge pages (huge_pages.py).
         Decode streams every weight once per token, and on 4 KiB pages it spends part of that
         time on TLB misses. Measured on the 110M shape by benchmarks/huge_pages.py (both ways
-        in one process, taking turns): float32 decode 1.11-1.13x, int8 1.06-1.12x. The price:
+        in one process, taking turns), five runs: float32 decode 1.07-1.13x, int8 1.04-1.12x. The price:
         the weights take RAM of their own (a memory-mapped checkpoint's pages are only file
         cache) and loading copies them once. So weights that would take more than half the
         available memory stay as they are (memory-mapped), as they do without huge pages."""
