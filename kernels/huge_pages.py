@@ -11,8 +11,7 @@ A memory-mapped checkpoint cannot have them (its pages are the file cache's), an
 only for arrays of 4 MiB or more, which leaves out most of a small model's matrices. So the
 Numba backend copies all the weights into one arena: one allocation, asked for huge pages,
 that small matrices share. Measured on the 110M shape, float32 decode: see the Numba
-backend's `load_weights`. A model too big for that copy (more than half the memory the
-system has available) stays memory-mapped, as on systems without huge pages: `worth_copying`.
+backend's `load_weights`, which also decides when the copy is not worth it.
 """
 
 import mmap
@@ -21,14 +20,6 @@ import numpy as np
 
 ALIGNMENT = 64  # each array starts on its own cache line
 HUGE_PAGES = hasattr(mmap, "MADV_HUGEPAGE")  # Linux; elsewhere Python has no way to ask
-
-
-def worth_copying(nbytes: int) -> bool:
-    """Whether weights of `nbytes` should be copied into an arena: only where huge pages can
-    be had (elsewhere the copy buys nothing), and only if they take at most half the memory
-    available now (/proc/meminfo's MemAvailable), so that a model near the size of RAM is
-    read from its memory map as it is touched instead of pushing the system into swap."""
-    return HUGE_PAGES and nbytes <= available_memory() // 2
 
 
 def available_memory() -> int:

@@ -39,17 +39,19 @@ class NumbaBackend(NumpyBackend):
         """ModelWeights -> the same weights copied into one arena of huge pages (huge_pages.py).
         Decode streams every weight once per token, and on 4 KiB pages it spends part of that
         time on TLB misses. Measured on the 110M shape by benchmarks/huge_pages.py (both ways
-        in one process, taking turns), five runs: float32 decode 1.07-1.13x, int8 1.04-1.12x. The price:
-        the weights take RAM of their own (a memory-mapped checkpoint's pages are only file
-        cache) and loading copies them once. So weights that would take more than half the
-        available memory stay as they are (memory-mapped), as they do without huge pages."""
+        in one process, taking turns), five runs: float32 decode 1.07-1.13x, int8 1.04-1.12x.
+        The price: the weights take RAM of their own (a memory-mapped checkpoint's pages are
+        only file cache) and loading copies them once. So weights that would take more than
+        half the memory available now (/proc/meminfo's MemAvailable) stay as they are,
+        memory-mapped and read as they are touched, instead of pushing the system into swap;
+        so do they where there are no huge pages to ask for (the copy would buy nothing)."""
+        if not huge_pages.HUGE_PAGES:
+            return super().load_weights(weights)
         pieces = [piece for array in weights.arrays() for piece in _pieces(array)]
-        nbytes = huge_pages.HugePageArena.bytes_needed(pieces)
-        if not huge_pages.worth_copying(nbytes):
-            if huge_pages.HUGE_PAGES:
-                print(f"tinyinfer: the weights ({nbytes / 1e9:.1f} GB) stay memory-mapped: copying them into huge "
-                      f"pages would take more than half of the {huge_pages.available_memory() / 1e9:.1f} GB of "
-                      "memory available", file=sys.stderr)
+        nbytes, available = huge_pages.HugePageArena.bytes_needed(pieces), huge_pages.available_memory()
+        if nbytes > available // 2:
+            print(f"tinyinfer: the weights ({nbytes / 1e9:.1f} GB) stay memory-mapped: copying them into huge pages "
+                  f"would take more than half of the {available / 1e9:.1f} GB of memory available", file=sys.stderr)
             return super().load_weights(weights)
         arena = huge_pages.HugePageArena(nbytes)
 
@@ -105,7 +107,7 @@ class NumbaBackend(NumpyBackend):
         if x.dtype != np.float32:
             return super().quantized_matmul(x, w, bias)
         rows, out = _rows_and_output(x, w.shape)
-        if w.scales.shape != (w.shape[0], w.shape[1] // BLOCK) or w.shape[1] % BLOCK:
+        if not _has_block_scales(w):
             raise ValueError(f"int8 weight {w.shape} needs scales of shape [out, in // {BLOCK}], got {w.scales.shape}")
         decode = rows.shape[0] < kernels.GEMM_MIN_ROWS_WIDENED
         values, scales = np.ascontiguousarray(w.values), np.ascontiguousarray(w.scales, dtype=np.float32)
@@ -206,6 +208,12 @@ def _pieces(array) -> list[np.ndarray]:
     return [array.values, array.scales] if isinstance(array, Q8Weight) else [np.asarray(array)]
 
 
+def _has_block_scales(w: Q8Weight) -> bool:
+    """One scale per block of BLOCK weights: scales [out, in // BLOCK], `in` a multiple of BLOCK.
+    The kernels trust this shape, so it is checked before any of them runs."""
+    return w.scales.shape == (w.shape[0], w.shape[1] // BLOCK) and w.shape[1] % BLOCK == 0
+
+
 def _few_float32_rows(x, w, bias, limit: int) -> bool:
     """x: [tokens < limit, in] float32, C-contiguous, matching w: [out, in]; no bias."""
     return (bias is None and x.ndim == 2 and x.dtype == np.float32 and x.shape[0] < limit
@@ -227,8 +235,7 @@ def _is_int8_decode(x, w, bias) -> bool:
     """Decode with int8 weights whose values and scales are as the kernel takes them."""
     return (isinstance(w, Q8Weight) and w.values.dtype == np.int8 and w.values.flags.c_contiguous
             and w.scales.dtype == np.float32 and w.scales.flags.c_contiguous
-            and w.scales.shape == (w.shape[0], w.shape[1] // BLOCK) and w.shape[1] % BLOCK == 0
-            and _few_float32_rows(x, w, bias, kernels.GEMM_MIN_ROWS_WIDENED))
+            and _has_block_scales(w) and _few_float32_rows(x, w, bias, kernels.GEMM_MIN_ROWS_WIDENED))
 
 
 def _finish(out: np.ndarray, x: np.ndarray, bias) -> np.ndarray:

@@ -4,8 +4,9 @@ A backend is an object with the ops of `NumpyBackend` (the reference, and the te
 embedding, matmul (float, float16-stored or int8 `Q8Weight` weights), rms_norm, rotary,
 attention, silu_mul, softmax, plus `to_device` / `to_numpy` / `zeros` and `load_weights`
 (the whole model's weights onto the device; the Numba backend copies them into huge pages).
-Choosing one is a single argument: `get_backend("numba")`. The fast backends live in `kernels/` (installed as
-`tinyinfer.kernels`) and are imported only when chosen, so CuPy is needed only for "cupy".
+Choosing one is a single argument: `get_backend("numba")`. The fast backends live in
+`kernels/` (installed as `tinyinfer.kernels`) and are imported only when chosen, so CuPy is
+needed only for "cupy".
 """
 
 import importlib
