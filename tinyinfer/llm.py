@@ -58,7 +58,7 @@ class LLM:
         self.dtype = np.dtype(dtype)
         self.path = path
         device_weights = ops.load_weights(weights)  # onto the backend's device
-        self.model = Transformer(config, device_weights, ops, dtype)
+        self.model = ops.compile_model(Transformer(config, device_weights, ops, dtype))
         eos = list(config.eos_token_ids) + (tokenizer.eos_token_ids if tokenizer else [])
         self.eos_token_ids = sorted(set(eos))
         self._engine = None

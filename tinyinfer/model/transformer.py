@@ -37,10 +37,7 @@ class Transformer:
 
         x = ops.embedding(ops.to_device(batch.token_ids), weights.embedding)  # [tokens, hidden]
         for layer_index, layer in enumerate(weights.layers):
-            h = ops.rms_norm(x, layer.attention_norm, eps)
-            x = x + self.attention(layer_index, layer, h, cos, sin, batch)
-            h = ops.rms_norm(x, layer.mlp_norm, eps)
-            x = x + self.mlp(layer, h)
+            x = self.layer(layer_index, layer, x, cos, sin, batch)
         for chunk in batch.chunks:
             chunk.cache.length = chunk.start + chunk.num_new
 
@@ -49,6 +46,15 @@ class Transformer:
         x = ops.rms_norm(x, weights.final_norm, eps)
         logits = ops.matmul(x, weights.lm_head)  # [rows, vocab]
         return ops.to_numpy(logits).astype(np.float32, copy=False)
+
+    def layer(self, layer_index: int, layer: LayerWeights, x, cos, sin, batch: ForwardBatch):
+        """One transformer block. x: [tokens, hidden] -> [tokens, hidden]: attention, then the
+        MLP, each reading an RMSNorm of the residual stream and adding its output back to it."""
+        ops, eps = self.ops, self.config.rms_norm_eps
+        h = ops.rms_norm(x, layer.attention_norm, eps)
+        x = x + self.attention(layer_index, layer, h, cos, sin, batch)
+        h = ops.rms_norm(x, layer.mlp_norm, eps)
+        return x + self.mlp(layer, h)
 
     def attention(self, layer_index: int, layer: LayerWeights, h, cos, sin, batch: ForwardBatch):
         """Multi-head attention with grouped-query heads. h: [tokens, hidden] -> [tokens, hidden].

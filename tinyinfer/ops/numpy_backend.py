@@ -37,6 +37,12 @@ class NumpyBackend:
         `to_device` (so a memory-mapped checkpoint stays a memory map, read as it is touched)."""
         return weights.map(self.to_device)
 
+    def compile_model(self, model):
+        """The backend's chance to run the model (a Transformer) its own way, as torch.compile
+        or CUDA graphs do; the Numba backend runs each layer as one compiled call. The
+        reference runs the model as written, one op at a time."""
+        return model
+
     def to_numpy(self, array: np.ndarray) -> np.ndarray:
         return np.asarray(array)
 
