@@ -65,8 +65,8 @@ class NumbaBackend(NumpyBackend):
 
     def compile_model(self, model):
         """Transformer -> the same model with each layer run as one compiled call where it can
-        (numba_layer.py): the Python between 13 kernel calls a layer costs 10-15 % of a decode
-        step. Its first use compiles it, which is announced like compile_kernels."""
+        (numba_layer.py): calling a layer's 13 kernels from Python made decode 6-17 % slower on
+        the 110M shape. Compiling it for the model's weights is announced like compile_kernels."""
         with event.install_listener("numba:compile", _CompileNotice()):
             return CompiledTransformer(model)
 

@@ -55,13 +55,14 @@ def test_a_contiguous_cache_gives_the_same_logits_and_keys_bit_for_bit(compiled_
 
 
 def test_the_engines_paged_cache_gives_the_same_logits_and_blocks_bit_for_bit(compiled_and_op_by_op, compiled_calls):
-    """Two sequences in scattered blocks of 4: both prefill together, then decode together."""
+    """Two sequences in scattered blocks of 4: both prefill, then one decodes while the other
+    prefills a chunk, then both decode."""
     compiled, op_by_op = compiled_and_op_by_op
     pools = [PagedKVPool(compiled.config, 8, 4, compiled.ops, np.float32) for _ in range(2)]
     tables = [[BlockTable(pool) for _ in range(2)] for pool in pools]
     for pair in tables:
         pair[0].block_ids, pair[1].block_ids = [5, 1, 6], [2, 7]
-    for tokens in ([list(range(3, 12)), [4, 5, 6]], [[8], [9]], [[10], [2]]):
+    for tokens in ([list(range(3, 12)), [4, 5, 6]], [[8], [9, 1, 7, 3]], [[10], [2]]):
         outputs = []
         for model, pool, pair in zip((compiled, op_by_op), pools, tables):
             batch = ForwardBatch.build(tokens, pair)
