@@ -181,24 +181,19 @@ def _linear_typed(x, w, bias):
                 kernels.gemm_q8(x, w[0], w[1], out)
             return _add_bias(out, bias)
         return int8
-    if w.dtype == types.uint16:
-        def float16(x, w, bias):
-            out = np.empty((x.shape[0], w.shape[0]), np.float32)
-            if x.shape[0] < kernels.GEMM_MIN_ROWS_WIDENED:
-                kernels.matvec_f16(x, w, out)
-            else:
-                kernels.gemm_f16(x, w, out)
-            return _add_bias(out, bias)
-        return float16
+    if w.dtype == types.uint16:  # float16, as its bits
+        decode, prefill, prefill_rows = kernels.matvec_f16, kernels.gemm_f16, kernels.GEMM_MIN_ROWS_WIDENED
+    else:
+        decode, prefill, prefill_rows = kernels.matvec, kernels.gemm, kernels.GEMM_MIN_ROWS
 
-    def float32(x, w, bias):
+    def float_weights(x, w, bias):
         out = np.empty((x.shape[0], w.shape[0]), np.float32)
-        if x.shape[0] < kernels.GEMM_MIN_ROWS:
-            kernels.matvec(x, w, out)
+        if x.shape[0] < prefill_rows:
+            decode(x, w, out)
         else:
-            kernels.gemm(x, w, out)
+            prefill(x, w, out)
         return _add_bias(out, bias)
-    return float32
+    return float_weights
 
 
 def _add_bias(out, bias):
