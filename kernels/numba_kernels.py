@@ -27,6 +27,12 @@ from tinyinfer.quantize import BLOCK
 
 from . import simd
 
+# Numba's disk cache keys each function on the content of its own file only, and these
+# kernels inline simd.py's code: this line ties their cache to simd.py's content too, so a
+# change there cannot leave a stale kernel in the cache. tests/test_numba_backend.py checks
+# it against simd.py and says the new value when simd.py changes.
+SIMD_SOURCE = "4330380b1fdbe60b"  # the start of simd.py's sha256
+
 # "reassoc" lets LLVM add a long sum in several SIMD lanes at once (another summation
 # order, as BLAS uses); "contract" lets it fuse a * b + c into one FMA instruction. The
 # other fastmath flags assume no inf or NaN, so we leave them out: those still propagate.
@@ -252,52 +258,67 @@ def _tile(x_t, t, w, r, out, o, tokens, ahead):
 
 @njit(parallel=True, cache=True)
 def _token_columns(x):
-    """x: [tokens, in] -> x_t: [in, tokens rounded up to 32], x transposed, zero-padded: the
-    layout `_tile` loads 16 token rows at a time from. Small next to the product it feeds.
-    Each task fills one vector's worth of columns (16 token rows, read side by side, written
-    64 bytes at a time): measured 15 µs for 128 x 768 and 0.64 ms for 2048 x 768, against
-    47 µs and 2.3 ms going down x's columns one at a time."""
+    """x: [tokens, in] -> x_t: [blocks, in, width], x transposed one block of TOKEN_BLOCK token
+    rows at a time (width: TOKEN_BLOCK, or the tokens rounded up to 32 when there are fewer),
+    zero-padded: the layout `_tile` loads 16 token rows at a time from. Each block is one
+    contiguous piece of memory, so the block a GEMM works on stays in L2 and in few pages: as
+    one [in, tokens] array, 2048 tokens put each row of `in` 8 KiB apart, and a 2048-row
+    product with in = 768 took 2.3x as long as 16 products of 128 rows (L2 sets and TLB
+    entries ran out). Each task fills one vector's worth of columns (16 token rows, read side
+    by side, written 64 bytes at a time): measured 15 µs for 128 x 768 and 0.64 ms for
+    2048 x 768, against 47 µs and 2.3 ms going down x's columns one at a time."""
     tokens, columns = x.shape
-    x_t = np.empty((columns, -(-tokens // (2 * simd.LANES)) * 2 * simd.LANES), np.float32)
-    for block in prange(x_t.shape[1] // simd.LANES):
+    width = min(TOKEN_BLOCK, -(-tokens // (2 * simd.LANES)) * 2 * simd.LANES)
+    blocks = -(-tokens // width)
+    x_t = np.empty((blocks, columns, width), np.float32)
+    for vector in prange(blocks * width // simd.LANES):
+        block, column = divmod(vector * simd.LANES, width)
         for i in range(columns):
             for lane in range(simd.LANES):
-                t = block * simd.LANES + lane
-                x_t[i, t] = x[t, i] if t < tokens else 0
+                t = vector * simd.LANES + lane
+                x_t[block, i, column + lane] = x[t, i] if t < tokens else 0
     return x_t
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _panel_product(x, x_t, panel, out, o_start):
-    """out[:, o_start : o_start + rows] = x @ panel.T. x: [tokens, in], x_t: the same rows as
-    `_token_columns` lays them out, panel: [rows, in]. Whole tiles of 8 weight rows go through
-    `_tile`; ragged last rows (rows not a multiple of 8) are plain dot products.
-
-    Token rows go in blocks of TOKEN_BLOCK (256 x 768 float32 is 768 KiB, kept in L2); within
-    a block, 8 weight rows (24 KiB, kept in L1) serve every token row before the next 8."""
-    tokens, rows = x.shape[0], panel.shape[0]
+def _panel_product(x, x_t, panel, out, o_start, block):
+    """out[block's rows, o_start : o_start + rows] = x[block's rows] @ panel.T, for token block
+    `block` (rows block * width ...). x: [tokens, in], x_t: the same rows as `_token_columns`
+    lays them out, panel: [rows, in]. Whole tiles of 8 weight rows go through `_tile`; ragged
+    last rows (rows not a multiple of 8) are plain dot products. 8 weight rows (24 KiB, kept
+    in L1) serve every token row of the block before the next 8."""
+    width = x_t.shape[2]
+    first = block * width
+    tokens, rows = min(width, x.shape[0] - first), panel.shape[0]
+    block_out = out[first:]  # the block's token rows are its rows 0 .. tokens - 1
     full = rows - rows % TILE_ROWS
-    for block in range(0, tokens, TOKEN_BLOCK):
-        for r in range(0, full, TILE_ROWS):
-            for t in range(block, min(block + TOKEN_BLOCK, tokens), 2 * simd.LANES):
-                ahead = r + TILE_ROWS if t == 0 and r + TILE_ROWS < full else -1  # first pass only
-                _tile(x_t, t, panel, r, out, o_start + r, tokens, ahead)
+    for r in range(0, full, TILE_ROWS):
+        for t in range(0, tokens, 2 * simd.LANES):
+            ahead = r + TILE_ROWS if t == 0 and r + TILE_ROWS < full else -1  # first pass only
+            _tile(x_t[block], t, panel, r, block_out, o_start + r, tokens, ahead)
     for r in range(full, rows):
-        for t in range(tokens):
+        for t in range(first, first + tokens):
             out[t, o_start + r] = _dot(x[t], panel[r])
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def gemm(x, w, out):
     """out = x @ w.T for many rows, float32. x: [tokens, in], w: [out, in] -> out: [tokens, out].
-    The threads split the weight rows into panels of PANEL rows; a panel is read from memory
-    once and reused from cache by every token row. Small panels keep two threads even: a
-    288-row matrix is 9 panels of 32 (5 and 4 per thread), where panels of 64 made 5 (192 and
-    96 rows); measured on the 15M shape, batch-16 serving ran ~4 % and pp128 3-7 % faster."""
+
+    Token rows go in blocks of TOKEN_BLOCK (256 x 768 float32 is 768 KiB, kept in L2), and
+    for each block the threads split the weight rows into panels of PANEL rows, each panel
+    multiplied by every token row of the block. A long batch reads its activations once and
+    the weights once per block. (Panels outermost, a 2048-token prefill read all of x once
+    per panel instead: 9 times for a 15M-shape [288, 288] matrix, 64 times for a 110M
+    [2048, 768] one, and a batch of 16 prompts of 128 tokens took 1.4-1.6x as long in the
+    layers as 16 prompts one at a time.) Small panels keep two threads even: a 288-row matrix
+    is 9 panels of 32 (5 and 4 per thread), where panels of 64 made 5 (192 and 96 rows);
+    measured on the 15M shape, batch-16 serving ran ~4 % and pp128 3-7 % faster."""
     x_t = _token_columns(x)
-    for p in prange((w.shape[0] + PANEL - 1) // PANEL):
-        start = p * PANEL
-        _panel_product(x, x_t, w[start : start + PANEL], out, start)
+    for block in range(x_t.shape[0]):
+        for p in prange((w.shape[0] + PANEL - 1) // PANEL):
+            start = p * PANEL
+            _panel_product(x, x_t, w[start : start + PANEL], out, start, block)
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
@@ -306,13 +327,14 @@ def gemm_f16(x, w_bits, out):
     once, into a buffer of its own, then multiplied by every token row."""
     rows, columns = w_bits.shape
     x_t = _token_columns(x)
-    for p in prange((rows + PANEL - 1) // PANEL):
-        start, stop = p * PANEL, min((p + 1) * PANEL, rows)
-        panel = np.empty((stop - start, columns), np.float32)
-        for r in range(stop - start):
-            for i in range(columns):
-                panel[r, i] = half_to_float(w_bits[start + r, i])
-        _panel_product(x, x_t, panel, out, start)
+    for block in range(x_t.shape[0]):  # token blocks outermost, as in `gemm`
+        for p in prange((rows + PANEL - 1) // PANEL):
+            start, stop = p * PANEL, min((p + 1) * PANEL, rows)
+            panel = np.empty((stop - start, columns), np.float32)
+            for r in range(stop - start):
+                for i in range(columns):
+                    panel[r, i] = half_to_float(w_bits[start + r, i])
+            _panel_product(x, x_t, panel, out, start, block)
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
@@ -322,13 +344,14 @@ def gemm_q8(x, values, scales, out):
     token row. Only PANEL rows are ever rebuilt at once, never the whole matrix."""
     rows, columns = values.shape
     x_t = _token_columns(x)
-    for p in prange((rows + PANEL - 1) // PANEL):
-        start, stop = p * PANEL, min((p + 1) * PANEL, rows)
-        panel = np.empty((stop - start, columns), np.float32)
-        for r in range(stop - start):
-            for i in range(columns):
-                panel[r, i] = values[start + r, i] * scales[start + r, i // BLOCK]
-        _panel_product(x, x_t, panel, out, start)
+    for block in range(x_t.shape[0]):  # token blocks outermost, as in `gemm`
+        for p in prange((rows + PANEL - 1) // PANEL):
+            start, stop = p * PANEL, min((p + 1) * PANEL, rows)
+            panel = np.empty((stop - start, columns), np.float32)
+            for r in range(stop - start):
+                for i in range(columns):
+                    panel[r, i] = values[start + r, i] * scales[start + r, i // BLOCK]
+            _panel_product(x, x_t, panel, out, start, block)
 
 
 # ---- the other ops -----------------------------------------------------------------------------

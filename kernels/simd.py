@@ -16,8 +16,9 @@ loop over them compiles to the same instructions as a hand-written C kernel (vbr
 vfmadd231ps on zmm registers). On a CPU without AVX-512 LLVM splits each vector into two
 (AVX2) or four (ARM NEON) registers: the same numbers everywhere, fastest with AVX-512.
 
-Numba's on-disk cache keys each kernel on its own file: after changing this one, touch
-numba_kernels.py (or delete kernels/__pycache__), or the kernels keep the old code.
+Numba's on-disk cache keys each kernel on the content of its own file, so numba_kernels.py
+holds the start of this file's sha256 (`SIMD_SOURCE`): after a change here, the tests say the
+new value to put there, and the kernels recompile.
 """
 
 from llvmlite import ir

@@ -2,6 +2,8 @@
 whole models against the golden outputs of transformers and against the NumPy backend."""
 
 import dataclasses
+import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -268,6 +270,15 @@ def test_kernels_are_compiled_once_and_never_again(capsys):
     x = np.ones((2, 4), np.float32)
     with pytest.raises(TypeError):
         numba_kernels.softmax(x[:, ::2], np.empty((2, 2), np.float32))  # a strided view: not compiled
+
+
+def test_the_kernels_cache_is_tied_to_simd_py():
+    """Numba keys its disk cache on each function's own file: SIMD_SOURCE puts simd.py's
+    content into numba_kernels.py's, so a change to simd.py recompiles the kernels."""
+    actual = hashlib.sha256(Path(simd.__file__).read_bytes()).hexdigest()[:16]
+    assert numba_kernels.SIMD_SOURCE == actual, (
+        f'simd.py changed: set SIMD_SOURCE = "{actual}" in kernels/numba_kernels.py (then KERNELS_SOURCE '
+        "in kernels/numba_layer.py, as its test will say), or Numba's cache serves the old kernels")
 
 
 def test_the_compile_notice_is_one_line_however_many_functions_compile(capsys):
