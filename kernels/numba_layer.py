@@ -31,12 +31,6 @@ from tinyinfer.quantize import BLOCK, Q8Weight
 
 from . import numba_kernels as kernels
 
-# transformer_layer's compiled code includes the kernels it calls, but Numba's disk cache keys
-# it on this file's content only: this line ties it to numba_kernels.py's content (which ties
-# in simd.py's), so a changed kernel can never be served stale from the cache here.
-# tests/test_numba_layer.py checks it and says the new value when numba_kernels.py changes.
-KERNELS_SOURCE = "e33fabcbba11f1c8"  # the start of numba_kernels.py's sha256
-
 
 class CompiledTransformer(Transformer):
     """A Transformer whose layers each run as one call of `transformer_layer` when the weights

@@ -273,12 +273,15 @@ def test_kernels_are_compiled_once_and_never_again(capsys):
 
 
 def test_the_kernels_cache_is_tied_to_simd_py():
-    """Numba keys its disk cache on each function's own file: SIMD_SOURCE puts simd.py's
-    content into numba_kernels.py's, so a change to simd.py recompiles the kernels."""
+    """Numba keys its disk cache on the content of each function's own file, and the kernels
+    inline simd.py's LLVM code (measured: a changed simd.py alone left the cached kernels as
+    they were). SIMD_SOURCE puts simd.py's content into numba_kernels.py's, so a change to
+    simd.py recompiles them. (A kernel called from another file's function, as numba_layer's,
+    is linked when the cache loads, so it is never stale there.)"""
     actual = hashlib.sha256(Path(simd.__file__).read_bytes()).hexdigest()[:16]
     assert numba_kernels.SIMD_SOURCE == actual, (
-        f'simd.py changed: set SIMD_SOURCE = "{actual}" in kernels/numba_kernels.py (then KERNELS_SOURCE '
-        "in kernels/numba_layer.py, as its test will say), or Numba's cache serves the old kernels")
+        f'simd.py changed: set SIMD_SOURCE = "{actual}" in kernels/numba_kernels.py, '
+        "or Numba's cache serves the kernels compiled with the old simd.py")
 
 
 def test_the_compile_notice_is_one_line_however_many_functions_compile(capsys):
