@@ -212,7 +212,8 @@ def matvec_q8(x, values, scales, out):
 @njit(fastmath=FASTMATH, cache=True)
 def _tile(x_t, t, w, r, out, o, tokens, ahead):
     """out[t : t+32, o : o+8] = x[t : t+32] @ w[r : r+8].T, from x_t: [in, padded tokens], the
-    token rows transposed (`_token_columns`), so that x_t[i, t : t+16] is one SIMD vector.
+    token rows transposed (one block of `_token_columns`), so that x_t[i, t : t+16] is one
+    SIMD vector.
 
     An outer product (see simd.py): 16 vectors of running sums, 8 weight rows x 2 vectors of 16
     token rows, stay in registers. Each step over `in` loads 2 vectors of x and 8 weights and
@@ -324,7 +325,8 @@ def gemm(x, w, out):
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def gemm_f16(x, w_bits, out):
     """gemm with float16 weights (bits [out, in] uint16): each panel is widened to float32
-    once, into a buffer of its own, then multiplied by every token row."""
+    into a buffer of its own, then multiplied by every token row of the block (once per
+    block of TOKEN_BLOCK rows: 1 widening per 256 multiply-adds or more)."""
     rows, columns = w_bits.shape
     x_t = _token_columns(x)
     for block in range(x_t.shape[0]):  # token blocks outermost, as in `gemm`
@@ -341,7 +343,8 @@ def gemm_f16(x, w_bits, out):
 def gemm_q8(x, values, scales, out):
     """gemm with int8 blocks: each panel is rebuilt in float32 (value * its block's scale,
     the very products of `dequantize`) into a buffer of its own, then multiplied by every
-    token row. Only PANEL rows are ever rebuilt at once, never the whole matrix."""
+    token row of the block (rebuilt once per block of TOKEN_BLOCK rows). Only PANEL rows are
+    ever rebuilt at once, never the whole matrix."""
     rows, columns = values.shape
     x_t = _token_columns(x)
     for block in range(x_t.shape[0]):  # token blocks outermost, as in `gemm`
