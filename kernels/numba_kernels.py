@@ -30,7 +30,8 @@ from . import simd
 # Numba's disk cache keys each function on the content of its own file only, and these
 # kernels inline simd.py's code: this line ties their cache to simd.py's content too, so a
 # change there cannot leave a stale kernel in the cache. tests/test_numba_backend.py checks
-# it against simd.py and says the new value when simd.py changes.
+# it against simd.py and says the new value when simd.py changes. (numba_layer.py holds this
+# file's own stamp the same way, for the compiled layer.)
 SIMD_SOURCE = "4330380b1fdbe60b"  # the start of simd.py's sha256
 
 # "reassoc" lets LLVM add a long sum in several SIMD lanes at once (another summation

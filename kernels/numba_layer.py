@@ -31,6 +31,12 @@ from tinyinfer.quantize import BLOCK, Q8Weight
 
 from . import numba_kernels as kernels
 
+# Numba's disk cache keys transformer_layer on this file's content only, yet its cached code
+# holds parts of the kernels it calls: after a change to numba_kernels.py alone, the cached
+# layer mixed old and new kernel code and gave NaN (seen once, int8 prefill). This line ties
+# the cache to numba_kernels.py's content (which ties in simd.py's): tests/test_numba_layer.py
+# checks it and says the new value when numba_kernels.py changes.
+KERNELS_SOURCE = "d720e413879db3f9"  # the start of numba_kernels.py's sha256
 
 class CompiledTransformer(Transformer):
     """A Transformer whose layers each run as one call of `transformer_layer` when the weights

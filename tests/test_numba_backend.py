@@ -276,8 +276,8 @@ def test_the_kernels_cache_is_tied_to_simd_py():
     """Numba keys its disk cache on the content of each function's own file, and the kernels
     inline simd.py's LLVM code (measured: a changed simd.py alone left the cached kernels as
     they were). SIMD_SOURCE puts simd.py's content into numba_kernels.py's, so a change to
-    simd.py recompiles them. (A kernel called from another file's function, as numba_layer's,
-    is linked when the cache loads, so it is never stale there.)"""
+    simd.py recompiles them (and numba_layer's KERNELS_SOURCE carries it on to the compiled
+    layer)."""
     actual = hashlib.sha256(Path(simd.__file__).read_bytes()).hexdigest()[:16]
     assert numba_kernels.SIMD_SOURCE == actual, (
         f'simd.py changed: set SIMD_SOURCE = "{actual}" in kernels/numba_kernels.py, '

@@ -2,13 +2,16 @@
 op on the same backend. Both call the same kernels with the same arguments in the same order,
 so logits and KV caches must agree bit for bit, for every weight format and kind of cache."""
 
+import hashlib
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 import tinyinfer
 from test_hf_parity import golden
 from tinyinfer.engine.paged_cache import BlockTable, PagedBatch, PagedKVPool
-from tinyinfer.kernels import numba_layer
+from tinyinfer.kernels import numba_kernels, numba_layer
 from tinyinfer.kv_cache import KVCache
 from tinyinfer.model.batch import ForwardBatch
 from tinyinfer.model.transformer import Transformer
@@ -84,6 +87,16 @@ def test_several_contiguous_caches_in_one_batch_run_op_by_op(tiny_model_dir, com
         outputs.append(model.forward(ForwardBatch.build([[1, 2, 3], [4, 5]], caches)))
     np.testing.assert_array_equal(*outputs)
     assert compiled_calls == []
+
+
+def test_the_compiled_layers_cache_is_tied_to_the_kernels():
+    """Numba keys transformer_layer's disk cache on its own file only, and a cached layer kept
+    parts of old kernel code after numba_kernels.py changed: KERNELS_SOURCE puts
+    numba_kernels.py's content into numba_layer.py's, so a changed kernel recompiles it."""
+    actual = hashlib.sha256(Path(numba_kernels.__file__).read_bytes()).hexdigest()[:16]
+    assert numba_layer.KERNELS_SOURCE == actual, (
+        f'numba_kernels.py changed: set KERNELS_SOURCE = "{actual}" in kernels/numba_layer.py, '
+        "or Numba's cache may run old kernel code inside the compiled layer")
 
 
 def test_a_full_contiguous_cache_is_the_op_by_op_error(tiny_model_dir):
