@@ -38,6 +38,7 @@ from . import numba_kernels as kernels
 # checks it and says the new value when numba_kernels.py changes.
 KERNELS_SOURCE = "d720e413879db3f9"  # the start of numba_kernels.py's sha256
 
+
 class CompiledTransformer(Transformer):
     """A Transformer whose layers each run as one call of `transformer_layer` when the weights
     and the batch are of a kind it covers, and op by op (Transformer.layer) otherwise."""
