@@ -18,7 +18,7 @@ from tinyinfer.quantize import BLOCK, Q8Weight, quantize_q8_0
 
 from . import numba_kernels as kernels
 from . import huge_pages
-from .numba_layer import CompiledTransformer
+from .numba_layer import CompiledTransformer, has_block_scales, query_rows
 
 KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # the kernels called from Python; compiled once per process by `compile_kernels`
@@ -115,7 +115,7 @@ class NumbaBackend(NumpyBackend):
         if x.dtype != np.float32:
             return super().quantized_matmul(x, w, bias)
         rows, out = _rows_and_output(x, w.shape)
-        if not _has_block_scales(w):
+        if not has_block_scales(w):
             raise ValueError(f"int8 weight {w.shape} needs scales of shape [out, in // {BLOCK}], got {w.scales.shape}")
         decode = rows.shape[0] < kernels.GEMM_MIN_ROWS_WIDENED
         values, scales = np.ascontiguousarray(w.values), np.ascontiguousarray(w.scales, dtype=np.float32)
@@ -170,8 +170,7 @@ class NumbaBackend(NumpyBackend):
         if (needed > block_tables.shape[1] * key_pool.shape[1]).any():
             raise ValueError(f"paged attention: sequences need {needed.tolist()} keys, but the block tables hold "
                              f"{block_tables.shape[1]} blocks of {key_pool.shape[1]}")
-        row_sequence = np.repeat(np.arange(len(start_positions)), new_tokens)
-        row_position = np.arange(q.shape[0]) - query_starts[row_sequence] + start_positions[row_sequence]
+        row_sequence, row_position = query_rows(query_starts, start_positions)
         return self._paged_attention(q, key_pool, value_pool, np.asarray(block_tables, np.int64), row_sequence,
                                      row_position)
 
@@ -216,12 +215,6 @@ def _pieces(array) -> list[np.ndarray]:
     return [array.values, array.scales] if isinstance(array, Q8Weight) else [np.asarray(array)]
 
 
-def _has_block_scales(w: Q8Weight) -> bool:
-    """One scale per block of BLOCK weights: scales [out, in // BLOCK], `in` a multiple of BLOCK.
-    The kernels trust this shape, so it is checked before any of them runs."""
-    return w.scales.shape == (w.shape[0], w.shape[1] // BLOCK) and w.shape[1] % BLOCK == 0
-
-
 def _few_float32_rows(x, w, bias, limit: int) -> bool:
     """x: [tokens < limit, in] float32, C-contiguous, matching w: [out, in]; no bias."""
     return (bias is None and x.ndim == 2 and x.dtype == np.float32 and x.shape[0] < limit
@@ -243,7 +236,7 @@ def _is_int8_decode(x, w, bias) -> bool:
     """Decode with int8 weights whose values and scales are as the kernel takes them."""
     return (isinstance(w, Q8Weight) and w.values.dtype == np.int8 and w.values.flags.c_contiguous
             and w.scales.dtype == np.float32 and w.scales.flags.c_contiguous
-            and _has_block_scales(w) and _few_float32_rows(x, w, bias, kernels.GEMM_MIN_ROWS_WIDENED))
+            and has_block_scales(w) and _few_float32_rows(x, w, bias, kernels.GEMM_MIN_ROWS_WIDENED))
 
 
 def _finish(out: np.ndarray, x: np.ndarray, bias) -> np.ndarray:

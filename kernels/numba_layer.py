@@ -99,9 +99,7 @@ class KVPlacement:
         if batch.paged is not None:
             paged = batch.paged
             keys, values = paged.pool.keys, paged.pool.values
-            new_tokens = np.diff(paged.query_starts)
-            row_sequence = np.repeat(np.arange(len(new_tokens)), new_tokens)
-            row_position = np.arange(len(row_sequence)) - paged.query_starts[row_sequence] + paged.start_positions[row_sequence]
+            row_sequence, row_position = query_rows(paged.query_starts, paged.start_positions)
             slots = (paged.write_blocks, paged.write_rows, paged.block_tables, row_sequence, row_position)
         elif len(batch.chunks) == 1 and isinstance(batch.chunks[0].cache, KVCache):
             (chunk,) = batch.chunks
@@ -116,6 +114,22 @@ class KVPlacement:
         if keys[0].dtype != np.float32 or values[0].dtype != np.float32:
             return None
         return cls(keys, values, tuple(np.asarray(array, np.int64) for array in slots))
+
+
+def query_rows(query_starts: np.ndarray, start_positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The paged attention kernel's terms for a batch whose sequence s has query rows
+    query_starts[s] .. query_starts[s + 1] - 1 from position start_positions[s]: for every
+    query row, its sequence (row_sequence) and its position (row_position), both [tokens]."""
+    new_tokens = np.diff(query_starts)
+    row_sequence = np.repeat(np.arange(len(new_tokens)), new_tokens)
+    row_position = np.arange(len(row_sequence)) - query_starts[row_sequence] + start_positions[row_sequence]
+    return row_sequence, row_position
+
+
+def has_block_scales(w: Q8Weight) -> bool:
+    """One scale per block of BLOCK weights: scales [out, in // BLOCK], `in` a multiple of BLOCK.
+    The kernels trust this shape, so it is checked before any of them runs."""
+    return w.scales.shape == (w.shape[0], w.shape[1] // BLOCK) and w.shape[1] % BLOCK == 0
 
 
 # ---- the layer, compiled -------------------------------------------------------------------------
@@ -227,8 +241,7 @@ def _covered(layer: LayerWeights) -> bool:
 def _covered_matrix(w) -> bool:
     if isinstance(w, Q8Weight):
         return (w.values.dtype == np.int8 and w.scales.dtype == np.float32 and w.values.flags.c_contiguous
-                and w.scales.flags.c_contiguous and w.shape[1] % BLOCK == 0
-                and w.scales.shape == (w.shape[0], w.shape[1] // BLOCK))
+                and w.scales.flags.c_contiguous and has_block_scales(w))
     return isinstance(w, np.ndarray) and w.dtype in (np.float32, np.float16) and w.flags.c_contiguous
 
 
