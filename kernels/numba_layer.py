@@ -1,14 +1,16 @@
-"""Each transformer layer as one compiled call: how the Numba backend runs the model.
+"""Each transformer layer as two compiled calls: how the Numba backend runs the model.
 
 Transformer.layer calls the op interface from Python, 13 kernels a layer (more with biases
 or q/k norms). Each call crosses Numba's dispatcher (it checks the argument types and unboxes
 the arrays), and the Python between two kernels runs on caches that decode's stream of
 weights has just emptied (~10 µs a call). Measured side by side on the 110M shape
-(benchmarks/compiled_layer.py), one compiled call a layer decodes 1.06-1.09x as fast with
-float32 weights and 1.11-1.20x with int8. Here the layer is written once more as a Numba
-function that calls the very same kernels of numba_kernels.py, with the same arguments in
-the same order, so its numbers are the op-by-op path's bit for bit (tests/test_numba_layer.py
-holds it to that for every weight format, both kinds of KV cache, biases and q/k norms).
+(benchmarks/compiled_layer.py), compiled layers decode 1.06-1.09x as fast with float32
+weights and 1.11-1.20x with int8. Here the layer is written once more as two Numba functions,
+its attention half and its MLP half, that call the very same kernels of numba_kernels.py, with
+the same arguments in the same order, so their numbers are the op-by-op path's bit for bit
+(tests/test_numba_layer.py holds them to that for every weight format, both kinds of KV cache,
+biases and q/k norms). The residual additions stay in Python between the halves, where a
+tensor-parallel device adds its group's partial sums (Transformer.tensor_sum).
 It is the CPU counterpart of the CUDA graphs vLLM replays for decode, or of torch.compile.
 
 It runs float32 activations with float32, float16 or int8 weights, on the engine's paged
@@ -31,7 +33,7 @@ from tinyinfer.quantize import BLOCK, Q8Weight
 
 from . import numba_kernels as kernels
 
-# Numba's disk cache keys transformer_layer on this file's content only, yet its cached code
+# Numba's disk cache keys attention_block and mlp_block on this file's content only, yet its cached code
 # holds parts of the kernels it calls: after a change to numba_kernels.py alone, the cached
 # layer mixed old and new kernel code and gave NaN (seen once, int8 prefill). This line ties
 # the cache to numba_kernels.py's content (which ties in simd.py's): tests/test_numba_layer.py
@@ -40,13 +42,13 @@ KERNELS_SOURCE = "d720e413879db3f9"  # the start of numba_kernels.py's sha256
 
 
 class CompiledTransformer(Transformer):
-    """A Transformer whose layers each run as one call of `transformer_layer` when the weights
+    """A Transformer whose layers each run as two compiled calls (`attention_block`, `mlp_block`) when the weights
     and the batch are of a kind it covers, and op by op (Transformer.layer) otherwise."""
 
     def __init__(self, model: Transformer):
-        super().__init__(model.config, model.weights, model.ops, model.dtype)
+        super().__init__(model.config, model.weights, model.ops, model.dtype, model.tensor_group, model.vocab_start)
         covered = self.dtype == np.float32 and all(_covered(layer) for layer in self.weights.layers)
-        # per layer, the weights as transformer_layer takes them; None: every layer op by op
+        # per layer, the weights as attention_block and mlp_block take them; None: every layer op by op
         self.layer_weights = [_layer_weights(layer) for layer in self.weights.layers] if covered else None
         self.kv = None  # where the batch of the current forward pass keeps its keys and values
         if covered:
@@ -59,20 +61,23 @@ class CompiledTransformer(Transformer):
     def layer(self, layer_index: int, layer: LayerWeights, x, cos, sin, batch: ForwardBatch):
         if self.kv is None:
             return super().layer(layer_index, layer, x, cos, sin, batch)
-        kv = self.kv
-        return transformer_layer(x, cos, sin, self.layer_weights[layer_index], kv.keys[layer_index],
-                                 kv.values[layer_index], kv.slots, self.config.rms_norm_eps, self.config.head_dim)
+        kv, weights, eps = self.kv, self.layer_weights[layer_index], self.config.rms_norm_eps
+        attended = attention_block(x, cos, sin, weights, kv.keys[layer_index], kv.values[layer_index], kv.slots, eps,
+                                   self.config.head_dim)
+        x = x + self.tensor_sum(attended)
+        return x + self.tensor_sum(mlp_block(x, weights, eps))
 
     def _compile(self):
-        """Compile transformer_layer for this model's weights (or load it from Numba's disk
+        """Compile attention_block and mlp_block for this model's weights (or load it from Numba's disk
         cache) by running layer 0 once on a one-token cache, so no forward pass waits for it."""
         config = self.config
         cache = KVCache(config, 1, self.ops, self.dtype)
         kv = KVPlacement.of(ForwardBatch.build([[0]], [cache]))
         x = np.zeros((1, config.hidden_size), np.float32)
         cos, sin = self.rope_cos[:1].copy(), self.rope_sin[:1].copy()  # as forward passes them: [tokens, head_dim // 2]
-        transformer_layer(x, cos, sin, self.layer_weights[0], kv.keys[0], kv.values[0], kv.slots, config.rms_norm_eps,
-                          config.head_dim)
+        attention_block(x, cos, sin, self.layer_weights[0], kv.keys[0], kv.values[0], kv.slots, config.rms_norm_eps,
+                        config.head_dim)
+        mlp_block(x, self.layer_weights[0], config.rms_norm_eps)
 
 
 @dataclass
@@ -93,7 +98,7 @@ class KVPlacement:
 
     @classmethod
     def of(cls, batch: ForwardBatch) -> "KVPlacement | None":
-        """The batch's placement, or None for what transformer_layer does not cover: several
+        """The batch's placement, or None for what the compiled blocks do not cover: several
         contiguous caches, or a cache that is not float32. A contiguous cache too small for
         the new tokens is left to the op-by-op path, which says so."""
         if batch.paged is not None:
@@ -134,15 +139,17 @@ def has_block_scales(w: Q8Weight) -> bool:
 
 # ---- the layer, compiled -------------------------------------------------------------------------
 @njit(cache=True)
-def transformer_layer(x, cos, sin, weights, key_pool, value_pool, slots, eps, head_dim):
-    """Transformer.layer for float32 x: [tokens, hidden] -> [tokens, hidden], with the kernels
-    NumbaBackend's ops call. cos, sin: [tokens, head_dim // 2]; weights: this layer's, as
-    _layer_weights arranges them; key_pool, value_pool and slots: as in KVPlacement."""
+def attention_block(x, cos, sin, weights, key_pool, value_pool, slots, eps, head_dim):
+    """The attention half of Transformer.layer for float32 x: [tokens, hidden] -> o_proj's
+    output [tokens, hidden] (what the residual stream adds; under tensor parallelism, this
+    device's partial sum), with the kernels NumbaBackend's ops call. cos, sin: [tokens,
+    head_dim // 2]; weights: this layer's, as _layer_weights arranges them; key_pool,
+    value_pool and slots: as in KVPlacement."""
     attention_norm, wq, bq, wk, bk, wv, bv, q_norm, k_norm, wo, mlp_norm, w_gate, w_up, w_down = weights
     write_blocks, write_rows, block_tables, row_sequence, row_position = slots
     tokens = x.shape[0]
 
-    # attention: q, k, v of every new token, rotated; k and v stored; each query over its sequence
+    # q, k, v of every new token, rotated; k and v stored; each query over its sequence
     h = _rms_norm(x, attention_norm, eps)
     q = _linear(h, wq, bq).reshape(tokens, -1, head_dim)
     k = _linear(h, wk, bk).reshape(tokens, -1, head_dim)
@@ -156,14 +163,19 @@ def transformer_layer(x, cos, sin, weights, key_pool, value_pool, slots, eps, he
         value_pool[write_blocks[t], write_rows[t]] = v[t]
     attended = np.empty_like(q_rotated)
     kernels.paged_attention(q_rotated, key_pool, value_pool, block_tables, row_sequence, row_position, attended)
-    x = x + _linear(attended.reshape(tokens, -1), wo, None)
+    return _linear(attended.reshape(tokens, -1), wo, None)
 
-    # SwiGLU MLP
+
+@njit(cache=True)
+def mlp_block(x, weights, eps):
+    """The MLP half of Transformer.layer: x: [tokens, hidden] -> down_proj's output [tokens,
+    hidden] of the SwiGLU MLP on the RMSNorm of x."""
+    attention_norm, wq, bq, wk, bk, wv, bv, q_norm, k_norm, wo, mlp_norm, w_gate, w_up, w_down = weights
     h = _rms_norm(x, mlp_norm, eps)
     gate, up = _linear(h, w_gate, None), _linear(h, w_up, None)
     activated = np.empty_like(gate)
     kernels.silu_mul(gate.reshape(-1), up.reshape(-1), activated.reshape(-1))
-    return x + _linear(activated, w_down, None)
+    return _linear(activated, w_down, None)
 
 
 @njit(cache=True)
@@ -230,7 +242,7 @@ def _add_bias_typed(out, bias):
 
 # ---- which weights it takes, and how -------------------------------------------------------------
 def _covered(layer: LayerWeights) -> bool:
-    """Whether transformer_layer takes this layer's weights: float32 vectors, and matrices in
+    """Whether the compiled blocks take this layer's weights: float32 vectors, and matrices in
     float32, float16 or int8 with one float32 scale per block, all C-contiguous."""
     vectors = [layer.attention_norm, layer.mlp_norm, layer.bq, layer.bk, layer.bv, layer.q_norm, layer.k_norm]
     matrices = [layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up, layer.w_down]
@@ -246,7 +258,7 @@ def _covered_matrix(w) -> bool:
 
 
 def _layer_weights(layer: LayerWeights) -> tuple:
-    """The layer's weights as transformer_layer unpacks them, each matrix as its kernel reads it."""
+    """The layer's weights as attention_block and mlp_block unpack them, each matrix as its kernel reads it."""
     def matrix(w):
         if isinstance(w, Q8Weight):
             return w.values, w.scales

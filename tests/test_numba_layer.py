@@ -30,15 +30,16 @@ def compiled_and_op_by_op(request):
 
 @pytest.fixture
 def compiled_calls(monkeypatch):
-    """How many times transformer_layer ran: the compiled path must really be the one tested."""
+    """How many times attention_block ran (tokens each time): the compiled path must really be
+    the one tested."""
     calls = []
 
     def counted(*args):
         calls.append(args[0].shape[0])  # tokens
         return original(*args)
 
-    original = numba_layer.transformer_layer
-    monkeypatch.setattr(numba_layer, "transformer_layer", counted)
+    original = numba_layer.attention_block
+    monkeypatch.setattr(numba_layer, "attention_block", counted)
     return calls
 
 

@@ -14,7 +14,6 @@ import numpy as np
 
 from tinyinfer.config import ModelConfig
 from tinyinfer.kernels.bandwidth import read_bandwidth
-from tinyinfer.kv_cache import KVCache
 from tinyinfer.model.batch import ForwardBatch
 from tinyinfer.model.weights import LayerWeights, ModelWeights
 
@@ -66,7 +65,7 @@ def decode_bytes_per_token(llm) -> int:
 
 def time_prefill(llm, prompt_tokens: int, rng) -> float:
     ids = rng.integers(0, llm.config.vocab_size, prompt_tokens).tolist()
-    cache = KVCache(llm.config, prompt_tokens, llm.ops, llm.dtype)
+    cache = llm.model.new_kv_cache(prompt_tokens)
     start = time.perf_counter()
     llm.model.forward(ForwardBatch.build([ids], [cache]))
     return time.perf_counter() - start
@@ -74,7 +73,7 @@ def time_prefill(llm, prompt_tokens: int, rng) -> float:
 
 def time_decode(llm, new_tokens: int, rng) -> float:
     """new_tokens steps of one token each, starting from an empty cache (as llama-bench's tg)."""
-    cache = KVCache(llm.config, new_tokens, llm.ops, llm.dtype)
+    cache = llm.model.new_kv_cache(new_tokens)
     token = int(rng.integers(0, llm.config.vocab_size))
     start = time.perf_counter()
     for _ in range(new_tokens):

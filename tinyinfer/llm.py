@@ -14,7 +14,6 @@ from tinyinfer.config import ModelConfig
 from tinyinfer.default_model import default_model_path
 from tinyinfer.engine import LLMEngine
 from tinyinfer.errors import ContextLengthError, TokenizerMissingError
-from tinyinfer.kv_cache import KVCache
 from tinyinfer.loading import load_checkpoint
 from tinyinfer.model.batch import ForwardBatch
 from tinyinfer.model.transformer import Transformer
@@ -163,7 +162,7 @@ class LLM:
         if len(ids) > self.config.max_context:
             raise ContextLengthError(f"{len(ids)} tokens do not fit the context window of {self.config.max_context}")
         self.prompt_ids(ids[:1])  # range-checks come from the same place as for prompts
-        cache = KVCache(self.config, len(ids), self.ops, self.dtype)
+        cache = self.model.new_kv_cache(len(ids))
         return self.model.forward(ForwardBatch.build([ids], [cache]), all_logits=True)
 
     def perplexity(self, text, context: int | None = None, max_chunks: int | None = None,

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 from tinyinfer.engine.block_manager import BlockManager
-from tinyinfer.engine.paged_cache import BlockTable, PagedBatch, PagedKVPool
+from tinyinfer.engine.paged_cache import BlockTable
 from tinyinfer.engine.scheduler import Scheduler, SchedulerConfig
 from tinyinfer.errors import KVCacheTooSmallError
 from tinyinfer.model.batch import ForwardBatch
@@ -75,7 +75,7 @@ class LLMEngine:
         self.llm = llm
         self.config = config = config or EngineConfig()
         num_blocks = config.num_blocks or self._default_num_blocks()
-        self.pool = PagedKVPool(llm.config, num_blocks, config.block_size, llm.ops, llm.dtype)
+        self.pool = llm.model.new_paged_pool(num_blocks, config.block_size)  # on every device of a parallel group
         self.block_manager = BlockManager(num_blocks, config.block_size, config.prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.block_manager)
         self.sequences: dict[int, Sequence] = {}  # live requests by id
@@ -134,7 +134,6 @@ class LLMEngine:
             [sequence.tokens_to_feed()[:num_new] for sequence, num_new in scheduled],
             [sequence.cache for sequence, _ in scheduled],
         )
-        batch.paged = PagedBatch(self.pool, self.llm.ops, batch.chunks)
         # a decode step feeds the one token sampled last; everything else is (re)computing a prompt
         self.stats.prefill_tokens += sum(n for seq, n in scheduled if not (n == 1 and seq.output_ids))
         logits = self.llm.model.forward(batch)  # [len(scheduled), vocab]: each sequence's last new token

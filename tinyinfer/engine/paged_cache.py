@@ -19,6 +19,7 @@ class PagedKVPool:
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, backend, dtype):
         self.num_blocks, self.block_size = num_blocks, block_size
+        self.ops = backend
         shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
         self.keys = [backend.zeros(shape, dtype) for _ in range(config.num_layers)]
         self.values = [backend.zeros(shape, dtype) for _ in range(config.num_layers)]

@@ -10,7 +10,7 @@ from tinyinfer.config import ModelConfig
 from tinyinfer.errors import CheckpointError
 from tinyinfer.loading.hf_checkpoint import load_hf_weights
 from tinyinfer.loading.hf_tokenizer import HFTokenizer
-from tinyinfer.loading.llama2c_checkpoint import load_llama2c
+from tinyinfer.loading.llama2c_checkpoint import load_llama2c, read_llama2c_config
 from tinyinfer.loading.llama2c_tokenizer import Llama2cTokenizer
 from tinyinfer.model.weights import ModelWeights
 
@@ -27,19 +27,21 @@ def _refuse_pickle(path: Path):
     )
 
 
-def load_checkpoint(path, dtype, tokenizer=None) -> tuple[ModelConfig, ModelWeights, object]:
+def load_checkpoint(path, dtype, tokenizer=None, select=None) -> tuple[ModelConfig, ModelWeights, object]:
     """(config, weights in the compute dtype, tokenizer or None) for a model path.
 
     path: a Hugging Face model directory (config.json + safetensors), or a llama2.c `.bin`.
     tokenizer: a path to override or supply the tokenizer (tokenizer.json, llama2.c tokenizer.bin,
     or a directory holding tokenizer.json); by default a model directory's own tokenizer.json.
+    select: config -> WeightSelection, the part of the weights to read (one device's, in a
+    parallel group); by default all of them.
     """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     if path.is_dir():
         config = ModelConfig.from_hf_config(path / "config.json")
-        weights = load_hf_weights(path, config, dtype)
+        weights = load_hf_weights(path, config, dtype, select(config) if select else None)
         if tokenizer is None and (path / "tokenizer.json").exists():
             tokenizer = path / "tokenizer.json"
     else:
@@ -51,7 +53,8 @@ def load_checkpoint(path, dtype, tokenizer=None) -> tuple[ModelConfig, ModelWeig
             _refuse_pickle(path)
         if path.suffix == ".safetensors" or path.name == "config.json":
             raise CheckpointError(f"{path}: pass the model's directory (with config.json), not one file in it")
-        config, weights = load_llama2c(path, dtype)
+        config = read_llama2c_config(path)[0]
+        config, weights = load_llama2c(path, dtype, select(config) if select else None)
     return config, weights, load_tokenizer(tokenizer, config) if tokenizer is not None else None
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from tinyinfer.config import ModelConfig
 from tinyinfer.errors import CheckpointError
 from tinyinfer.loading.safetensors_file import SafetensorsFile
+from tinyinfer.loading.selection import WeightSelection
 from tinyinfer.model.weights import LayerWeights, ModelWeights
 
 PICKLED_WEIGHT_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "consolidated.00.pth")
@@ -78,8 +79,11 @@ def find_weight_files(model_dir: Path) -> dict[str, SafetensorsFile]:
     raise CheckpointError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
 
 
-def load_hf_weights(model_dir: Path, config: ModelConfig, dtype) -> ModelWeights:
-    """Read and check every tensor, converting to the compute dtype (a view, where it matches)."""
+def load_hf_weights(model_dir: Path, config: ModelConfig, dtype, selection: WeightSelection | None = None) -> ModelWeights:
+    """Read and check every tensor, converting to the compute dtype (a view, where it matches).
+    selection: the part of the model to read (one device's, in a parallel group); default all.
+    The whole checkpoint's names and shapes are checked either way."""
+    selection = selection or WeightSelection(config.num_layers)
     files = find_weight_files(model_dir)
     expected = expected_shapes(config)
     present = {name for name in files if not name.endswith(IGNORED_SUFFIXES)}
@@ -103,36 +107,42 @@ def load_hf_weights(model_dir: Path, config: ModelConfig, dtype) -> ModelWeights
             f"{config.num_layers} layers, hidden {config.hidden_size}):\n" + "\n".join(problems)
         )
 
-    def read(name):
-        return files[name].read(name, dtype)
+    def read(name, field):
+        return files[name].read(name, dtype, lambda array: selection.pick(field, array))
 
-    def read_if_expected(name):  # biases (Qwen2) and q/k norms (Qwen3) exist only in some models
-        return read(name) if name in expected else None
+    def read_if_expected(name, field):  # biases (Qwen2) and q/k norms (Qwen3) exist only in some models
+        return read(name, field) if name in expected else None
 
     layers = []
-    for i in range(config.num_layers):
+    for i in selection.layers:
         p = f"model.layers.{i}."
         layers.append(
             LayerWeights(
-                attention_norm=read(p + "input_layernorm.weight"),
-                wq=read(p + "self_attn.q_proj.weight"),
-                wk=read(p + "self_attn.k_proj.weight"),
-                wv=read(p + "self_attn.v_proj.weight"),
-                wo=read(p + "self_attn.o_proj.weight"),
-                mlp_norm=read(p + "post_attention_layernorm.weight"),
-                w_gate=read(p + "mlp.gate_proj.weight"),
-                w_up=read(p + "mlp.up_proj.weight"),
-                w_down=read(p + "mlp.down_proj.weight"),
-                bq=read_if_expected(p + "self_attn.q_proj.bias"),
-                bk=read_if_expected(p + "self_attn.k_proj.bias"),
-                bv=read_if_expected(p + "self_attn.v_proj.bias"),
-                q_norm=read_if_expected(p + "self_attn.q_norm.weight"),
-                k_norm=read_if_expected(p + "self_attn.k_norm.weight"),
+                attention_norm=read(p + "input_layernorm.weight", "attention_norm"),
+                wq=read(p + "self_attn.q_proj.weight", "wq"),
+                wk=read(p + "self_attn.k_proj.weight", "wk"),
+                wv=read(p + "self_attn.v_proj.weight", "wv"),
+                wo=read(p + "self_attn.o_proj.weight", "wo"),
+                mlp_norm=read(p + "post_attention_layernorm.weight", "mlp_norm"),
+                w_gate=read(p + "mlp.gate_proj.weight", "w_gate"),
+                w_up=read(p + "mlp.up_proj.weight", "w_up"),
+                w_down=read(p + "mlp.down_proj.weight", "w_down"),
+                bq=read_if_expected(p + "self_attn.q_proj.bias", "bq"),
+                bk=read_if_expected(p + "self_attn.k_proj.bias", "bk"),
+                bv=read_if_expected(p + "self_attn.v_proj.bias", "bv"),
+                q_norm=read_if_expected(p + "self_attn.q_norm.weight", "q_norm"),
+                k_norm=read_if_expected(p + "self_attn.k_norm.weight", "k_norm"),
             )
         )
-    embedding = read("model.embed_tokens.weight")
-    lm_head = embedding if config.tie_word_embeddings else read("lm_head.weight")
-    return ModelWeights(embedding=embedding, layers=layers, final_norm=read("model.norm.weight"), lm_head=lm_head)
+    embedding = read("model.embed_tokens.weight", "embedding") if selection.embedding else None
+    lm_head, final_norm = None, None
+    if selection.head:
+        final_norm = read("model.norm.weight", "final_norm")
+        if not config.tie_word_embeddings:
+            lm_head = read("lm_head.weight", "lm_head")
+        else:  # the embedding itself; a last pipeline stage that does not embed reads its own copy
+            lm_head = embedding if embedding is not None else read("model.embed_tokens.weight", "lm_head")
+    return ModelWeights(embedding=embedding, layers=layers, final_norm=final_norm, lm_head=lm_head)
 
 
 def stored_dtypes(model_dir: Path) -> list[str]:

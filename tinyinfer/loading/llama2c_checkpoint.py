@@ -16,6 +16,7 @@ import numpy as np
 
 from tinyinfer.config import ModelConfig
 from tinyinfer.errors import CheckpointError
+from tinyinfer.loading.selection import WeightSelection
 from tinyinfer.model.weights import LayerWeights, ModelWeights
 
 HEADER_INTS = 7
@@ -84,9 +85,12 @@ def interleaved_to_half_rotary(w: np.ndarray, num_heads: int) -> np.ndarray:
     return w.reshape(num_heads, half, 2, dim).transpose(0, 2, 1, 3).reshape(rows, dim)
 
 
-def load_llama2c(path: Path, dtype) -> tuple[ModelConfig, ModelWeights]:
+def load_llama2c(path: Path, dtype, selection: WeightSelection | None = None) -> tuple[ModelConfig, ModelWeights]:
+    """(config, weights) of a legacy llama2.c checkpoint; selection: the part to read (one
+    device's, in a parallel group), by default all of it."""
     path = Path(path)
     config, shared_classifier = read_llama2c_config(path)
+    selection = selection or WeightSelection(config.num_layers)
     floats = np.memmap(path, dtype=np.float32, mode="r", offset=4 * HEADER_INTS)
     dim, hidden, layers = config.hidden_size, config.intermediate_size, config.num_layers
     kv_dim = config.num_kv_heads * config.head_dim
@@ -110,28 +114,37 @@ def load_llama2c(path: Path, dtype) -> tuple[ModelConfig, ModelWeights]:
     take(config.max_context * config.head_dim)  # skip the old freq_cis tables
     lm_head = embedding if shared_classifier else take(config.vocab_size, dim)
 
-    def convert(array):
-        return array.astype(dtype, copy=False)
+    def read(field, array):
+        """This device's part of a stored tensor, in the compute dtype."""
+        return selection.pick(field, array).astype(dtype, copy=False)
+
+    def read_rotary(field, array):
+        """q or k rows of whole heads, reordered head by head to the half-split rotary pairing."""
+        picked = selection.pick(field, array)
+        return interleaved_to_half_rotary(picked, picked.shape[0] // config.head_dim).astype(dtype, copy=False)
 
     model_layers = [
         LayerWeights(
-            attention_norm=convert(attention_norm[i]),
-            wq=convert(interleaved_to_half_rotary(wq[i], config.num_heads)),
-            wk=convert(interleaved_to_half_rotary(wk[i], config.num_kv_heads)),
-            wv=convert(wv[i]),
-            wo=convert(wo[i]),
-            mlp_norm=convert(mlp_norm[i]),
-            w_gate=convert(w1[i]),
-            w_up=convert(w3[i]),
-            w_down=convert(w2[i]),
+            attention_norm=read("attention_norm", attention_norm[i]),
+            wq=read_rotary("wq", wq[i]),
+            wk=read_rotary("wk", wk[i]),
+            wv=read("wv", wv[i]),
+            wo=read("wo", wo[i]),
+            mlp_norm=read("mlp_norm", mlp_norm[i]),
+            w_gate=read("w_gate", w1[i]),
+            w_up=read("w_up", w3[i]),
+            w_down=read("w_down", w2[i]),
         )
-        for i in range(layers)
+        for i in selection.layers
     ]
-    embedding = convert(embedding)
-    weights = ModelWeights(
-        embedding=embedding,
-        layers=model_layers,
-        final_norm=convert(final_norm),
-        lm_head=embedding if shared_classifier else convert(lm_head),
-    )
+    embedding_read = read("embedding", embedding) if selection.embedding else None
+    final_norm_read, lm_head_read = None, None
+    if selection.head:
+        final_norm_read = read("final_norm", final_norm)
+        if shared_classifier and embedding_read is not None:
+            lm_head_read = embedding_read  # tied: the embedding itself
+        else:
+            lm_head_read = read("lm_head", lm_head)
+    weights = ModelWeights(embedding=embedding_read, layers=model_layers, final_norm=final_norm_read,
+                           lm_head=lm_head_read)
     return config, weights

@@ -74,13 +74,17 @@ class SafetensorsFile:
         """The dtype as the file names it: "F32", "BF16", ..."""
         return self.header[name]["dtype"]
 
-    def read(self, name: str, dtype) -> np.ndarray:
+    def read(self, name: str, dtype, pick=None) -> np.ndarray:
         """The tensor converted to `dtype`. When it is stored in that dtype already, the result
-        is a read-only view of the mapped file: nothing is copied into RAM until it is used."""
+        is a read-only view of the mapped file: nothing is copied into RAM until it is used.
+        pick: a function that takes the stored array and returns the part of it to keep (one
+        device's slice), applied before the conversion so only that part is ever read."""
         entry = self.header[name]
         start, end = entry["data_offsets"]
         raw = self.data[self.data_start + start : self.data_start + end] if end > start else np.zeros(0, np.uint8)
         array = raw.view(NUMPY_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+        if pick is not None:
+            array = pick(array)
         if entry["dtype"] == "BF16":
             array = bfloat16_to_float32(array)
         return array.astype(dtype, copy=False)

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 class SequenceChunk:
     """One sequence's part of the batch: `num_new` tokens written to `cache` from row `start`."""
 
-    cache: KVCache
+    cache: KVCache  # or an engine BlockTable: anything with `length`
     start: int  # tokens of this sequence already in the cache = position of its first new token
     num_new: int
 
@@ -30,15 +30,23 @@ class ForwardBatch:
     token_ids: np.ndarray  # [tokens] int64, every sequence's new tokens, one after another
     positions: np.ndarray  # [tokens] int64, each token's position within its own sequence
     chunks: list[SequenceChunk]  # in the order their tokens appear in token_ids
-    paged: "PagedBatch | None" = None  # set by the engine when every cache is a block table of its pool
+    paged: "PagedBatch | None" = None  # set when every cache is a block table of one pool (the engine's)
 
     @classmethod
-    def build(cls, token_lists: list[list[int]], caches: list[KVCache]) -> "ForwardBatch":
-        """Each cache continues with its token list (its cache.length tokens are already in)."""
+    def build(cls, token_lists: list[list[int]], caches: list) -> "ForwardBatch":
+        """Each cache (a KVCache, or an engine BlockTable) continues with its token list (its
+        cache.length tokens are already in). Block tables of the paged pool get a PagedBatch,
+        which every layer of the pass reuses."""
+        from tinyinfer.engine.paged_cache import BlockTable, PagedBatch  # the engine's layer imports this one
+
         chunks = [SequenceChunk(cache, cache.length, len(tokens)) for tokens, cache in zip(token_lists, caches)]
         token_ids = np.array([t for tokens in token_lists for t in tokens], dtype=np.int64)
         positions = np.concatenate([np.arange(c.start, c.start + c.num_new) for c in chunks])
-        return cls(token_ids, positions.astype(np.int64), chunks)
+        batch = cls(token_ids, positions.astype(np.int64), chunks)
+        if all(isinstance(cache, BlockTable) for cache in caches):
+            pool = caches[0].pool
+            batch.paged = PagedBatch(pool, pool.ops, chunks)
+        return batch
 
     @property
     def last_token_rows(self) -> np.ndarray:

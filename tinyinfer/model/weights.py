@@ -2,6 +2,10 @@
 
 Every loader (Hugging Face safetensors, llama2.c .bin) fills these, so the forward pass reads
 one layout. All matrices are [out_features, in_features], as checkpoints store them.
+
+A device of a parallel group holds only its part (tinyinfer/parallel/sharding.py): the rows or
+columns of each matrix that its tensor-parallel rank computes, the layers of its pipeline
+stage, and the embedding or the LM head only on the first or the last stage (None elsewhere).
 """
 
 from dataclasses import dataclass, replace
@@ -29,16 +33,17 @@ class LayerWeights:
 
 @dataclass
 class ModelWeights:
-    embedding: np.ndarray  # [vocab, hidden]
+    embedding: np.ndarray | None  # [vocab, hidden]; None on a pipeline stage that does not embed
     layers: list[LayerWeights]
-    final_norm: np.ndarray  # [hidden]
-    lm_head: np.ndarray  # [vocab, hidden]; the embedding itself when tied
+    final_norm: np.ndarray | None  # [hidden]; None on a pipeline stage before the last
+    lm_head: np.ndarray | None  # [vocab, hidden]; the embedding itself when tied; None before the last stage
 
     def arrays(self):
         """Every distinct weight array once (a tied LM head is the embedding)."""
         seen = {}
         for array in [self.embedding, self.final_norm, self.lm_head]:
-            seen[id(array)] = array
+            if array is not None:
+                seen[id(array)] = array
         for layer in self.layers:
             for array in vars(layer).values():
                 if array is not None:
