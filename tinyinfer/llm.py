@@ -12,12 +12,14 @@ import numpy as np
 
 from tinyinfer.config import ModelConfig
 from tinyinfer.default_model import default_model_path
-from tinyinfer.engine import LLMEngine
+from tinyinfer.engine import EngineConfig, LLMEngine
 from tinyinfer.errors import ContextLengthError, TokenizerMissingError
 from tinyinfer.loading import load_checkpoint
 from tinyinfer.model.batch import ForwardBatch
 from tinyinfer.model.transformer import Transformer
 from tinyinfer.ops import get_backend
+from tinyinfer.parallel.launch import CheckpointSource, ParallelOptions, launch
+from tinyinfer.parallel.router import DataParallelEngine
 from tinyinfer.perplexity import Perplexity, perplexity
 from tinyinfer.quantize import store_weights
 from tinyinfer.sampling import SamplingParams
@@ -26,23 +28,34 @@ from tinyinfer.sequence import Sequence
 COMPUTE_DTYPES = {"float32": np.float32, "float64": np.float64, "float16": np.float16}
 
 
-def load(path=None, backend: str = "numpy", dtype: str = "float32", tokenizer=None, weights: str | None = None) -> "LLM":
+def load(path=None, backend: str = "numpy", dtype: str = "float32", tokenizer=None, weights: str | None = None,
+         tp: int = 1, pp: int = 1, dp: int = 1, **parallel) -> "LLM":
     """Load a model for inference.
 
     path: a Hugging Face model directory (config.json, safetensors, tokenizer.json) or a
-    llama2.c `.bin` checkpoint; None loads the bundled default model, bard. backend: "numpy" (the reference). dtype: the compute dtype,
+    llama2.c `.bin` checkpoint; None loads the bundled default model, bard. backend: "numpy"
+    (the reference), "numba" or "cupy". dtype: the compute dtype,
     "float32" (default), "float64" (for checking) or "float16" (half the memory; slow in NumPy,
     which has no half-precision matrix kernels). tokenizer: a tokenizer path, needed for text
     with a llama2.c checkpoint (its tokenizer.bin). weights: how the matrices are stored,
     "float32", "float16" or "int8" (blocks of 32 with a scale each, as llama.cpp's Q8_0);
     None keeps them in the compute dtype. Smaller weights make decode faster (it reads every
     weight per token) at a small cost in accuracy.
+
+    tp, pp, dp: run on tp x pp x dp devices (tensor parallel, pipeline stages, data-parallel
+    replicas; tinyinfer/parallel/). Simulated devices in this process by default; one process
+    per device when started under mpiexec. More settings of tinyinfer.parallel.ParallelOptions
+    go in **parallel: pp_layers, micro_batches, link, routing, timeout.
     """
     if dtype not in COMPUTE_DTYPES:
         hint = " (NumPy has no bfloat16; bf16 checkpoints are widened exactly to float32)" if dtype == "bfloat16" else ""
         raise ValueError(f"dtype {dtype!r} is not supported; choose one of {', '.join(COMPUTE_DTYPES)}{hint}")
-    ops = get_backend(backend)
     path = default_model_path() if path is None else path
+    options = ParallelOptions(tp=tp, pp=pp, dp=dp, **parallel)
+    if options.wanted():
+        source = CheckpointSource(path, COMPUTE_DTYPES[dtype], tokenizer)
+        return LLM.on_parallel_group(source, options, backend, COMPUTE_DTYPES[dtype], weights, Path(path))
+    ops = get_backend(backend)
     config, model_weights, tokenizer = load_checkpoint(path, COMPUTE_DTYPES[dtype], tokenizer)
     if weights is not None:
         model_weights = store_weights(model_weights, weights)
@@ -51,16 +64,43 @@ def load(path=None, backend: str = "numpy", dtype: str = "float32", tokenizer=No
 
 class LLM:
     def __init__(self, config: ModelConfig, weights, tokenizer, ops, dtype, path: Path):
+        device_weights = ops.load_weights(weights)  # onto the backend's device
+        model = ops.compile_model(Transformer(config, device_weights, ops, dtype))
+        self._attach(config, model, tokenizer, ops, dtype, path)
+
+    @classmethod
+    def on_model(cls, config: ModelConfig, model, tokenizer, ops, dtype, path) -> "LLM":
+        """An LLM over a model that is already built (a ParallelModel: the driver's view of a
+        parallel group). config: the whole model's."""
+        llm = cls.__new__(cls)
+        llm._attach(config, model, tokenizer, ops, dtype, path)
+        return llm
+
+    @classmethod
+    def on_parallel_group(cls, source, options, backend: str, dtype, weights: str | None, path) -> "LLM":
+        """Start a parallel group (tinyinfer/parallel/launch.py) and return the LLM its driver
+        runs. source: a CheckpointSource or InMemorySource."""
+        config, model, tokenizer, group = launch(source, options, backend, dtype, weights)
+        llm = cls.on_model(config, model, tokenizer, model.ops, dtype, path)
+        llm.parallel = group
+        return llm
+
+    def _attach(self, config: ModelConfig, model, tokenizer, ops, dtype, path):
         self.config = config
+        self.model = model
         self.tokenizer = tokenizer
         self.ops = ops
         self.dtype = np.dtype(dtype)
         self.path = path
-        device_weights = ops.load_weights(weights)  # onto the backend's device
-        self.model = ops.compile_model(Transformer(config, device_weights, ops, dtype))
         eos = list(config.eos_token_ids) + (tokenizer.eos_token_ids if tokenizer else [])
         self.eos_token_ids = sorted(set(eos))
+        self.parallel = None  # the ParallelGroup when the model runs on several devices
         self._engine = None
+
+    def close(self):
+        """Stop the other devices of a parallel group (a no-op on one device)."""
+        if self.parallel is not None:
+            self.parallel.close()
 
     # ---- text <-> ids --------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -101,10 +141,21 @@ class LLM:
     @property
     def engine(self) -> LLMEngine:
         """The serving engine behind generate, stream and chat, made on first use (its KV block
-        pool takes memory). Replace it to change its settings: llm.engine = LLMEngine(llm, config)."""
+        pool takes memory). Change its settings with llm.engine = llm.new_engine(EngineConfig(...))."""
         if self._engine is None:
-            self._engine = LLMEngine(self)
+            self._engine = self.new_engine()
         return self._engine
+
+    def new_engine(self, config: EngineConfig | None = None):
+        """A serving engine for this model: an LLMEngine, or with dp > 1 replicas the router
+        that hands requests to their engines (tinyinfer/parallel/router.py), with the same calls."""
+        if self.parallel is not None and self.parallel.data_group is not None:
+            if self.parallel.router is None:
+                self.parallel.router = DataParallelEngine(self, self.parallel.data_group, self.parallel.routing, config)
+            else:
+                self.parallel.router.configure(config or EngineConfig())
+            return self.parallel.router
+        return LLMEngine(self, config)
 
     @engine.setter
     def engine(self, engine: LLMEngine):

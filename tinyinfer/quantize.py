@@ -72,4 +72,5 @@ def store_weights(weights, weight_format: str):
         raise ValueError(f"weights {weight_format!r} is not supported; choose one of {', '.join(WEIGHT_FORMATS)}")
     layers = [replace(layer, **{name: store_matrix(getattr(layer, name), weight_format) for name in MATRICES})
               for layer in weights.layers]
-    return replace(weights, layers=layers, lm_head=store_matrix(weights.lm_head, weight_format))
+    lm_head = None if weights.lm_head is None else store_matrix(weights.lm_head, weight_format)  # None: a pipeline stage without it
+    return replace(weights, layers=layers, lm_head=lm_head)

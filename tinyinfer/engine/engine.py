@@ -93,21 +93,25 @@ class LLMEngine:
         """Queue a prompt (text or token ids); returns its request id."""
         params = params or SamplingParams()
         sequence = self.llm.new_sequence(prompt, params, BlockTable(self.pool))
-        longest = min(sequence.num_tokens + params.max_tokens, self.llm.config.max_context)
-        needed = self.block_manager.blocks_for(longest)
-        if needed > self.pool.num_blocks:
-            raise KVCacheTooSmallError(
-                f"this request needs up to {longest} tokens ({sequence.num_tokens} prompt + {params.max_tokens} "
-                f"new), {needed} KV blocks of {self.config.block_size}, but the KV cache has only "
-                f"{self.pool.num_blocks} blocks; lower max_tokens or give the engine more blocks "
-                "(EngineConfig(num_blocks=...) or kv_cache_bytes)"
-            )
+        self.check_fits(sequence.num_tokens, params)
         request_id = self.next_request_id
         self.next_request_id += 1
         sequence.request_id = request_id
         self.sequences[request_id] = sequence
         self.scheduler.add(sequence)
         return request_id
+
+    def check_fits(self, prompt_tokens: int, params: SamplingParams):
+        """Refuse a request that could never fit the KV pool, even running alone."""
+        longest = min(prompt_tokens + params.max_tokens, self.llm.config.max_context)
+        needed = self.block_manager.blocks_for(longest)
+        if needed > self.pool.num_blocks:
+            raise KVCacheTooSmallError(
+                f"this request needs up to {longest} tokens ({prompt_tokens} prompt + {params.max_tokens} "
+                f"new), {needed} KV blocks of {self.config.block_size}, but the KV cache has only "
+                f"{self.pool.num_blocks} blocks; lower max_tokens or give the engine more blocks "
+                "(EngineConfig(num_blocks=...) or kv_cache_bytes)"
+            )
 
     def abort(self, request_id: int):
         """Stop a request now; its blocks go back to the pool. Unknown or finished ids are ignored."""

@@ -58,6 +58,19 @@ def load_checkpoint(path, dtype, tokenizer=None, select=None) -> tuple[ModelConf
     return config, weights, load_tokenizer(tokenizer, config) if tokenizer is not None else None
 
 
+def load_config(path) -> ModelConfig:
+    """Only the config of a model path (nothing else is read): to check a parallel layout
+    before any device loads, or to plan one for a model too big to load here."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    if path.is_dir():
+        return ModelConfig.from_hf_config(path / "config.json")
+    if path.name == "config.json":
+        return ModelConfig.from_hf_config(path)
+    return read_llama2c_config(path)[0]
+
+
 def load_tokenizer(path, config: ModelConfig):
     """A tokenizer.json (Hugging Face), a tokenizer.bin (llama2.c), or a directory with tokenizer.json."""
     path = Path(path)

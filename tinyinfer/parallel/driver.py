@@ -1,0 +1,100 @@
+"""The model as the driver of a replica sees it: the calls of a Transformer (forward,
+new_kv_cache, new_paged_pool), carried out by every device of the replica.
+
+The LLM and its engine call `ParallelModel` exactly as they call a Transformer: the scheduler,
+the block manager and the sampler run once, on the driver. Each call is broadcast to the
+replica as a command (tinyinfer/parallel/worker.py) and every device, the driver included,
+carries it out on its own shard and caches. A KV cache or pool the driver asks for exists on
+every device, each holding its own layers' and heads' keys and values under the same id;
+the driver's own copy is what the call returns, so the engine's block tables and the
+contiguous caches work unchanged. When the driver drops one, the others drop theirs with the
+next command.
+"""
+
+import itertools
+import weakref
+
+import numpy as np
+
+from tinyinfer.model.batch import ForwardBatch
+from tinyinfer.parallel.worker import NewKVCache, NewPagedPool, Report, Step, Stop, Worker
+
+
+class ParallelModel:
+    def __init__(self, worker: Worker, micro_batches: int):
+        self.worker = worker
+        self.micro_batches = micro_batches  # how many micro-batches a step's sequences are split into
+        self.config = worker.model.config  # the shapes the driver's own device computes
+        self.weights = worker.model.weights  # the driver's own shard
+        self.ops, self.dtype = worker.model.ops, worker.model.dtype
+        self.layout = worker.plan.layout
+        self._ids = itertools.count()
+        self._steps = itertools.count()
+        self._freed = []  # caches and pools the driver dropped; the other devices drop theirs next time
+        self.closed = False
+
+    # ---- what a Transformer offers ------------------------------------------------------------
+    def new_kv_cache(self, capacity: int):
+        cache_id = next(self._ids)
+        cache = self._command(NewKVCache(cache_id, capacity))
+        cache.cache_id = cache_id
+        weakref.finalize(cache, self._freed.append, ("kv", cache_id))
+        return cache
+
+    def new_paged_pool(self, num_blocks: int, block_size: int):
+        pool_id = next(self._ids)
+        pool = self._command(NewPagedPool(pool_id, num_blocks, block_size))
+        pool.pool_id = pool_id
+        weakref.finalize(pool, self._freed.append, ("pool", pool_id))
+        return pool
+
+    def forward(self, batch: ForwardBatch, all_logits: bool = False) -> np.ndarray:
+        """The batch's new tokens through every stage; [rows, vocab] float32 logits, as
+        Transformer.forward returns them."""
+        chunks = batch.chunks
+        paged = batch.paged is not None
+        if paged:
+            widest = max(len(chunk.cache.block_ids) for chunk in chunks)
+            block_tables = np.full((len(chunks), widest), -1, np.int64)
+            for row, chunk in zip(block_tables, chunks):
+                row[: len(chunk.cache.block_ids)] = chunk.cache.block_ids
+        step = Step(
+            index=next(self._steps),
+            token_ids=np.asarray(batch.token_ids, np.int64),
+            positions=np.asarray(batch.positions, np.int64),
+            num_new=np.array([chunk.num_new for chunk in chunks], np.int64),
+            block_tables=block_tables if paged else None,
+            cache_ids=None if paged else np.array([self._cache_id(chunk.cache) for chunk in chunks], np.int64),
+            pool_id=chunks[0].cache.pool.pool_id if paged else None,
+            all_logits=all_logits,
+            micro_batches=self.micro_batches,
+        )
+        logits = self._command(step)
+        for chunk in chunks:  # the driver's own caches count the new tokens (the engine reads them)
+            chunk.cache.length = chunk.start + chunk.num_new
+        return logits
+
+    # ---- what only a parallel model offers ----------------------------------------------------
+    def ledgers(self, clear: bool = False) -> list:
+        """Every device's DeviceLedger (memory, transfers, compute spans), in replica order;
+        clear: start a fresh timeline on every device afterwards."""
+        return self._command(Report(clear))
+
+    def close(self):
+        """Stop the replica's other devices (their threads or processes end)."""
+        if not self.closed:
+            self.closed = True
+            self._command(Stop())
+
+    def _cache_id(self, cache) -> int:
+        if getattr(cache, "cache_id", None) is None:
+            raise ValueError("this KV cache was not made by this parallel model; use llm.model.new_kv_cache(capacity)")
+        return cache.cache_id
+
+    def _command(self, command):
+        if self.closed and not isinstance(command, Stop):
+            raise RuntimeError("this parallel model has been closed")
+        command.frees, self._freed = self._freed, []
+        self.worker.replica.broadcast(command, root=0)
+        with self.worker.clock.busy(command.label):
+            return self.worker.run(command)

@@ -1,0 +1,60 @@
+"""What one device holds and what it sends: its memory ledger and its timeline.
+
+Every device of a parallel group (simulated or a real process) keeps one `DeviceLedger`:
+- memory: the bytes of its weight shard, of its KV caches, and the peak of its activations;
+- transfers: every collective and message it took part in (kind, bytes it sent, who took
+  part, the link model's time for it, and when it started and ended on the device's clock);
+- compute: the spans of time it spent computing, each labelled (which step, which micro-batch).
+
+The driver gathers the ledgers after a run (`ParallelModel.ledgers()`), so a notebook can
+show exactly what each device held, computed and sent, draw the timeline
+(tinyinfer/parallel/timeline.py) and compare the bytes with `tinyinfer plan`'s prediction.
+"""
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Transfer:
+    kind: str  # all_reduce, all_gather, broadcast, gather, send, recv, barrier
+    bytes: int  # what this device sent (recv: what it received), as link.bytes_per_device counts it
+    participants: tuple  # global ranks that took part (send / recv: sender, receiver)
+    modelled_seconds: float  # the link model's time for it
+    start: float  # on the device's clock: when the data began to move ...
+    end: float  # ... and when this device had its result
+    arrived: float  # when this device reached the call (start - arrived is time spent waiting)
+    label: str = ""  # what the device was doing (the step and micro-batch)
+
+
+@dataclass
+class ComputeSpan:
+    start: float
+    end: float
+    label: str
+
+
+@dataclass
+class DeviceLedger:
+    rank: int
+    role: str = ""  # e.g. "tp 1/2, stage 0/2 (layers 0-5), replica 0"
+    weight_bytes: int = 0  # its shard of the weights, plus what every device keeps whole
+    kv_bytes: int = 0  # its KV caches and pools, as allocated
+    peak_activation_bytes: int = 0  # the widest point of a layer, for the most tokens of any pass
+    transfers: list[Transfer] = field(default_factory=list)
+    compute: list[ComputeSpan] = field(default_factory=list)
+
+    def note_activations(self, nbytes: int):
+        self.peak_activation_bytes = max(self.peak_activation_bytes, int(nbytes))
+
+    def bytes_by_kind(self) -> dict[str, int]:
+        """Bytes this device sent (recv: received), summed by kind of transfer."""
+        totals = defaultdict(int)
+        for transfer in self.transfers:
+            totals[transfer.kind] += transfer.bytes
+        return dict(totals)
+
+    def clear_timeline(self):
+        """Forget transfers and compute spans (memory figures stay): to measure one run alone."""
+        self.transfers.clear()
+        self.compute.clear()

@@ -1,0 +1,171 @@
+"""Real parallelism: one process per rank, talking over MPI (mpi4py).
+
+    mpiexec -n 4 tinyinfer generate --tp 2 --pp 2 "ROMEO."
+
+Every process runs the same program; rank 0 drives (it runs the engine and prints), the others
+load their shards and carry out its commands (tinyinfer/parallel/worker.py), then exit. The
+calls are those of the simulated communicator (tinyinfer/parallel/communicator.py), recorded in
+the same ledger, on the wall clock (clock.py, WallClock). Arrays travel as buffers
+(Iallreduce, Iallgatherv); commands and activations as pickled messages.
+
+No wait is unbounded inside a command: each call polls its request and gives up with a
+ParallelError after `timeout` seconds (a rank that died or hangs), and the process then aborts
+the whole job, so nothing hangs. (mpiexec also ends the job when a process dies.) Waiting for
+the next command has no limit: the driver may be waiting for its user.
+
+MPI comes from PyPI: `pip install "tinyinfer[mpi]"` installs mpi4py and the MPICH wheel, whose
+`mpiexec` starts the processes.
+"""
+
+import os
+import pickle
+import sys
+import time
+
+import numpy as np
+
+from tinyinfer.parallel.clock import WallClock
+from tinyinfer.parallel.communicator import Communicator, payload_bytes
+from tinyinfer.parallel.errors import ParallelConfigError, ParallelError
+from tinyinfer.parallel.ledger import DeviceLedger
+from tinyinfer.parallel.link import LINKS, Link
+
+DEFAULT_TIMEOUT = 120.0
+# variables that mpiexec (MPICH's hydra, Open MPI, Slurm's PMI) sets in each process it starts
+LAUNCHER_VARIABLES = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK")
+
+
+def under_mpiexec() -> bool:
+    """Whether this process was started by mpiexec (so a parallel load uses MPI)."""
+    return any(name in os.environ for name in LAUNCHER_VARIABLES)
+
+
+def import_mpi():
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise ParallelConfigError('running over MPI needs mpi4py and an MPI library: pip install "tinyinfer[mpi]" '
+                                  "(mpi4py and the MPICH wheel, which brings mpiexec)") from None
+    return MPI
+
+
+class MPIWorld:
+    """This process's view of the job: its rank, its ledger and clock, and its groups."""
+
+    def __init__(self, link: Link = LINKS["nvlink"], timeout: float = DEFAULT_TIMEOUT):
+        self.MPI = import_mpi()
+        self.comm = self.MPI.COMM_WORLD
+        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        self.link, self.timeout = link, timeout
+        self.ledger = DeviceLedger(self.rank)
+        self.clock = WallClock(self.ledger)
+
+    def communicator(self, rank: int, ranks) -> "MPICommunicator":
+        """This process's communicator for the group of `ranks` (world ranks, in group order);
+        every member calls it (MPI_Comm_create_group)."""
+        assert rank == self.rank
+        ranks = tuple(ranks)
+        group = self.comm.Get_group().Incl(list(ranks))
+        return MPICommunicator(self, self.comm.Create_group(group), ranks)
+
+    def fail(self, message: str):
+        """This rank cannot go on: say why and end the whole job (every other rank stops too)."""
+        print(f"tinyinfer: error on rank {self.rank}: {message}", file=sys.stderr, flush=True)
+        self.comm.Abort(1)
+
+
+class MPICommunicator(Communicator):
+    def __init__(self, world: MPIWorld, comm, ranks: tuple):
+        super().__init__(comm.Get_rank(), ranks, world.clock, world.link)
+        self.world, self.comm, self.MPI = world, comm, world.MPI
+        self.pending_sends = []  # isend requests (and their buffers) not yet known to be done
+
+    # ---- collectives -------------------------------------------------------------------------
+    def all_reduce(self, array: np.ndarray) -> np.ndarray:
+        array = np.ascontiguousarray(array)
+        result = np.empty_like(array)
+        return self._collective("all_reduce", array.nbytes, lambda: self.comm.Iallreduce(array, result), result)
+
+    def all_gather(self, array: np.ndarray, axis: int = 0) -> np.ndarray:
+        """Each member's array may differ in size along `axis` (uneven vocabulary slices)."""
+        moved = np.ascontiguousarray(np.moveaxis(array, axis, 0))  # gathered along the first axis
+        sizes = np.zeros(self.size, np.int64)
+        self._collective("sizes", 0, lambda: self.comm.Iallgather(np.array([moved.shape[0]], np.int64), sizes), None,
+                         record=False)
+        row = int(np.prod(moved.shape[1:]))
+        counts = [int(n) * row for n in sizes]
+        flat = np.empty(sum(counts), array.dtype)
+        self._collective("all_gather", flat.nbytes, lambda: self.comm.Iallgatherv(moved, [flat, counts]), None)
+        return np.moveaxis(flat.reshape((int(sizes.sum()),) + moved.shape[1:]), 0, axis)
+
+    def broadcast(self, value=None, root: int = 0, wait_forever: bool = False):
+        """Root's value on every member: its pickled length, then its bytes."""
+        data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL) if self.rank == root else b""
+        length = np.array([len(data)], np.int64)
+        arrived = self.clock.pause()
+        self._wait(self.comm.Ibcast(length, root), "broadcast", wait_forever)
+        buffer = np.frombuffer(data, np.uint8).copy() if self.rank == root else np.empty(int(length[0]), np.uint8)
+        self._wait(self.comm.Ibcast(buffer, root), "broadcast")
+        result = value if self.rank == root else pickle.loads(buffer.tobytes())
+        now = self.clock.now()
+        self.record("broadcast", payload_bytes(result), self.ranks, arrived, arrived, now)
+        self.clock.resume(now)
+        return result
+
+    def gather(self, value, root: int = 0):
+        arrived = self.clock.pause()
+        values = self.comm.gather(value, root)
+        now = self.clock.now()
+        self.record("gather", payload_bytes(value), self.ranks, arrived, arrived, now)
+        self.clock.resume(now)
+        return values
+
+    def barrier(self, wait_forever: bool = False):
+        self._collective("barrier", 0, self.comm.Ibarrier, None, wait_forever=wait_forever)
+
+    def _collective(self, kind, buffer_bytes, start_request, result, record=True, wait_forever=False):
+        arrived = self.clock.pause()
+        self._wait(start_request(), kind, wait_forever)
+        now = self.clock.now()
+        if record:
+            self.record(kind, buffer_bytes, self.ranks, arrived, arrived, now)
+        self.clock.resume(now)
+        return result
+
+    # ---- messages ----------------------------------------------------------------------------
+    def send(self, value, dest: int, tag: int = 0):
+        sent_at = self.clock.pause()
+        self.pending_sends = [request for request in self.pending_sends if not request.Test()]
+        self.pending_sends.append(self.comm.isend(value, dest, tag))
+        now = self.clock.now()
+        self.record("send", payload_bytes(value), (self.global_rank, self.ranks[dest]), sent_at, sent_at, now)
+        self.clock.resume(now)
+
+    def poll(self, source: int, tag: int = 0) -> bool:
+        """Whether a message from group member `source` with `tag` is waiting."""
+        return self.comm.Iprobe(source, tag)
+
+    def recv(self, source: int, tag: int = 0, wait_forever: bool = False):
+        arrived = self.clock.pause()
+        self._wait_for(lambda: self.comm.Iprobe(source, tag), f"a message from rank {self.ranks[source]}", wait_forever)
+        value = self.comm.recv(source=source, tag=tag)
+        now = self.clock.now()
+        self.record("recv", payload_bytes(value), (self.ranks[source], self.global_rank), arrived, arrived, now)
+        self.clock.resume(now)
+        return value
+
+    # ---- waiting, never forever inside a command --------------------------------------------------
+    def _wait(self, request, what: str, wait_forever: bool = False):
+        self._wait_for(request.Test, what, wait_forever)
+
+    def _wait_for(self, done, what: str, wait_forever: bool = False):
+        """Poll `done` (it drives MPI's progress) until it is true, yielding the core between
+        polls (on an oversubscribed machine the rank we wait for may need it)."""
+        deadline = None if wait_forever else time.monotonic() + self.world.timeout
+        pause = 0.0
+        while not done():
+            if deadline is not None and time.monotonic() > deadline:
+                raise ParallelError(f"rank {self.global_rank} waited {self.world.timeout:g} s for {what} among ranks "
+                                    f"{list(self.ranks)}; a rank has died or hangs")
+            time.sleep(pause)
+            pause = min(2 * pause + 1e-6, 0.005 if wait_forever else 0.0005)
