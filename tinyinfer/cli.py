@@ -1,4 +1,4 @@
-"""The `tinyinfer` command: generate, chat, batch, info, bench, eval."""
+"""The `tinyinfer` command: generate, chat, batch, info, bench, eval, plan."""
 
 import argparse
 import dataclasses
@@ -11,9 +11,17 @@ import tinyinfer
 from tinyinfer.batch_file import run_batch_file
 from tinyinfer.bench import RANDOM_SHAPES, plot_batch_bench, random_model, run_batch_bench, run_bench
 from tinyinfer.chat import ChatSession
-from tinyinfer.engine import EngineConfig, LLMEngine
+from tinyinfer.engine import EngineConfig
 from tinyinfer.llm import COMPUTE_DTYPES, LLM
 from tinyinfer.ops import BACKENDS, get_backend
+from tinyinfer.default_model import default_model_path
+from tinyinfer.loading import load_config
+from tinyinfer.parallel.launch import InMemorySource, ParallelOptions
+from tinyinfer.parallel.layout import ParallelLayout
+from tinyinfer.parallel.link import LINKS, get_link
+from tinyinfer.parallel.plan import ParallelPlan, format_plan
+from tinyinfer.roofline import ROOFLINES, this_machine
+from tinyinfer.parallel.router import ROUTING
 from tinyinfer.quantize import WEIGHT_FORMATS, store_weights
 
 
@@ -24,6 +32,32 @@ def add_model_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--dtype", default="float32", choices=list(COMPUTE_DTYPES), help="compute dtype")
     parser.add_argument("--weights", choices=WEIGHT_FORMATS,
                         help="store the matrices as float32, float16 or int8 (Q8_0); default: the compute dtype")
+
+
+def add_parallel_arguments(parser: argparse.ArgumentParser, data_parallel: bool = True):
+    group = parser.add_argument_group("parallelism (simulated devices; one process per device under mpiexec)")
+    group.add_argument("--tp", type=int, default=1, help="tensor-parallel devices: each layer's heads and MLP split")
+    group.add_argument("--pp", type=int, default=1, help="pipeline stages: each a range of layers")
+    if data_parallel:
+        group.add_argument("--dp", type=int, default=1, help="data-parallel replicas of the whole model")
+        group.add_argument("--routing", default="round_robin", choices=ROUTING,
+                           help="how requests are handed to replicas")
+    group.add_argument("--pp-layers", type=parse_layer_counts, help="layers of each stage, e.g. 6,6 (default: balanced)")
+    group.add_argument("--micro-batches", type=int, help="split each step's sequences into this many (default: --pp)")
+    group.add_argument("--link", default="nvlink", choices=sorted(LINKS), help="link model of simulated devices")
+
+
+def parse_layer_counts(text: str) -> list[int]:
+    try:
+        return [int(n) for n in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected layer counts separated by commas, e.g. 6,6; got {text!r}") from None
+
+
+def parallel_options(args) -> dict:
+    """The tinyinfer.load keywords of the parallel arguments."""
+    return {"tp": args.tp, "pp": args.pp, "dp": getattr(args, "dp", 1), "pp_layers": args.pp_layers,
+            "micro_batches": args.micro_batches, "link": args.link, "routing": getattr(args, "routing", "round_robin")}
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, temperature: float):
@@ -49,7 +83,8 @@ def sampling_params(args) -> tinyinfer.SamplingParams:
 
 
 def load_model(args) -> LLM:
-    return tinyinfer.load(args.model, backend=args.backend, dtype=args.dtype, tokenizer=args.tokenizer, weights=args.weights)
+    return tinyinfer.load(args.model, backend=args.backend, dtype=args.dtype, tokenizer=args.tokenizer,
+                          weights=args.weights, **parallel_options(args))
 
 
 def parse_ids(text: str) -> list[int]:
@@ -152,15 +187,23 @@ def cmd_info(args):
 def bench_models(args):
     """(name, LLM) for every backend and weight format the bench was asked for."""
     dtype = COMPUTE_DTYPES[args.dtype]
+    options = ParallelOptions(**parallel_options(args))
     for weight_format in args.weights.split(","):
         for backend in args.backend.split(","):
             if args.random:
                 config, weights = random_model(args.random, dtype)
-                llm = LLM(config, store_weights(weights, weight_format), None, get_backend(backend), dtype, Path(args.random))
+                if options.wanted():
+                    llm = LLM.on_parallel_group(InMemorySource(config, weights), options, backend, dtype, weight_format,
+                                                Path(args.random))
+                else:
+                    llm = LLM(config, store_weights(weights, weight_format), None, get_backend(backend), dtype,
+                              Path(args.random))
                 yield f"random {args.random}", weight_format, llm
             else:
-                llm = tinyinfer.load(args.model, backend=backend, dtype=args.dtype, weights=weight_format)
+                llm = tinyinfer.load(args.model, backend=backend, dtype=args.dtype, weights=weight_format,
+                                     **parallel_options(args))
                 yield llm.path.name, weight_format, llm
+            llm.close()
 
 
 def cmd_bench_batch(args):
@@ -212,7 +255,7 @@ def cmd_eval(args):
 
 def cmd_batch(args):
     llm = load_model(args)
-    llm.engine = LLMEngine(llm, EngineConfig(max_num_seqs=args.max_num_seqs))
+    llm.engine = llm.new_engine(EngineConfig(max_num_seqs=args.max_num_seqs))
     defaults = dataclasses.asdict(sampling_params(args))
     report = run_batch_file(llm, Path(args.input), Path(args.out), defaults)
     for record in report["errors"].values():
@@ -224,12 +267,22 @@ def cmd_batch(args):
     return 1 if report["errors"] else 0
 
 
+def cmd_plan(args):
+    """Each device's weights and KV bytes, the bytes on each link, and a step's modelled time."""
+    config = load_config(args.model) if args.model else load_config(default_model_path())
+    roofline = this_machine() if args.device == "this-machine" else ROOFLINES[args.device]
+    plan = ParallelPlan(config, ParallelLayout(args.tp, args.pp, args.dp), get_link(args.link), roofline,
+                        args.weights, COMPUTE_DTYPES[args.dtype], args.pp_layers)
+    print(format_plan(plan, args.prompt_tokens, args.batch, args.context, args.micro_batches))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tinyinfer", description="A teaching inference engine for transformer LMs.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     generate = commands.add_parser("generate", help="stream the continuation of a prompt")
     add_model_arguments(generate)
+    add_parallel_arguments(generate)
     add_sampling_arguments(generate, temperature=1.0)
     generate.add_argument("prompt", nargs="?", help="the text to continue")
     generate.add_argument("--prompt-ids", help="token ids instead of text, e.g. '1,403,407' (prints ids)")
@@ -237,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat = commands.add_parser("chat", help="talk to the model (uses its chat template when it has one)")
     add_model_arguments(chat)
+    add_parallel_arguments(chat)
     add_sampling_arguments(chat, temperature=0.8)
     chat.add_argument("--system", help="a system prompt")
     chat.set_defaults(run=cmd_chat)
@@ -259,16 +313,37 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch", help="batch sizes, e.g. 1,4,16,64: serve that many requests at once through the "
                                        "engine (prompts of -p tokens, -n new tokens each) and report throughput")
     bench.add_argument("--plot", help="with --batch: save throughput against latency as this PNG (needs matplotlib)")
+    add_parallel_arguments(bench)
     bench.set_defaults(run=cmd_bench)
 
     batch = commands.add_parser("batch", help="offline batch inference: a JSONL file of requests in, results out")
     add_model_arguments(batch)
+    add_parallel_arguments(batch)
     add_sampling_arguments(batch, temperature=1.0)
     batch.add_argument("input", help='JSONL, one request per line: {"prompt": ...} or {"messages": [...]}, '
                                      'optional "id" and sampling settings such as "max_tokens"')
     batch.add_argument("--out", required=True, help="JSONL results, in input order; lines already there are skipped")
     batch.add_argument("--max-num-seqs", type=int, default=16, help="requests served together at most")
     batch.set_defaults(run=cmd_batch)
+
+    plan = commands.add_parser("plan", help="what each device of a tp x pp layout holds and sends, and a step's "
+                                            "modelled time (from the config alone)")
+    plan.add_argument("model", nargs="?", help="a model directory, its config.json, or a llama2.c .bin "
+                                                "(default: the bundled model, bard)")
+    plan.add_argument("--tp", type=int, default=1, help="tensor-parallel devices")
+    plan.add_argument("--pp", type=int, default=1, help="pipeline stages")
+    plan.add_argument("--dp", type=int, default=1, help="data-parallel replicas")
+    plan.add_argument("--pp-layers", type=parse_layer_counts, help="layers of each stage, e.g. 6,6")
+    plan.add_argument("--link", default="nvlink", choices=sorted(LINKS), help="the link between devices")
+    plan.add_argument("--device", default="h100", choices=sorted(ROOFLINES) + ["this-machine"],
+                      help="each device's roofline (this-machine: measured here)")
+    plan.add_argument("--weights", choices=WEIGHT_FORMATS, help="weight storage (default: the compute dtype)")
+    plan.add_argument("--dtype", default="float32", choices=list(COMPUTE_DTYPES), help="compute dtype")
+    plan.add_argument("--prompt-tokens", type=int, default=512, help="the prefill to model")
+    plan.add_argument("--batch", type=int, default=1, help="sequences in the decode step to model")
+    plan.add_argument("--context", type=int, default=512, help="tokens each decoding sequence already holds")
+    plan.add_argument("--micro-batches", type=int, help="micro-batches of the decode step (default: --pp)")
+    plan.set_defaults(run=cmd_plan)
 
     evaluate = commands.add_parser("eval", help="perplexity of a text file (mean next-token loss)")
     add_model_arguments(evaluate)

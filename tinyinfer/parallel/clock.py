@@ -18,6 +18,7 @@ import threading
 import time
 from contextlib import contextmanager
 
+from tinyinfer.parallel.errors import ParallelError
 from tinyinfer.parallel.ledger import ComputeSpan, DeviceLedger
 
 
@@ -64,9 +65,10 @@ class WallClock:
 
 
 class VirtualClock(WallClock):
-    def __init__(self, ledger: DeviceLedger, compute_slot: threading.Lock):
+    def __init__(self, ledger: DeviceLedger, compute_slot: threading.Lock, timeout: float):
         super().__init__(ledger)
         self.compute_slot = compute_slot  # one lock for the whole simulated world
+        self.timeout = timeout  # a device that computes this long without talking is stuck
         self.time = 0.0  # the device's own clock, in seconds
         self.wall_start = None  # perf_counter() when the current compute span began
 
@@ -86,5 +88,7 @@ class VirtualClock(WallClock):
     def resume(self, at: float):
         self.time = max(self.time, at)
         if self.active:
-            self.compute_slot.acquire()
+            if not self.compute_slot.acquire(timeout=self.timeout):
+                raise ParallelError(f"device {self.ledger.rank} waited {self.timeout:g} s for its turn to compute: "
+                                    "another device has computed that long without reaching a transfer; it is stuck")
             self.span_start, self.wall_start = self.time, time.perf_counter()

@@ -16,7 +16,9 @@ The calls (every member of the group makes the same collective call in the same 
 - `gather(value, root)`: every member's value as a list, on root only;
 - `send(value, dest, tag)` / `recv(source, tag)`: one message between two members (pipeline
   activations); send returns at once, recv waits; `poll(source, tag)`: whether recv would not;
-- `barrier()`.
+- `barrier()`;
+- `fail(message)`: this device cannot go on; every other device stops with `message` (a
+  simulated world ends every wait; MPI aborts the job).
 
 A wait inside a command gives up with a ParallelError after the world's timeout (a device
 died or hangs); the waits that may last as long as the user takes (`wait_forever=True`: a

@@ -17,6 +17,7 @@ import weakref
 import numpy as np
 
 from tinyinfer.model.batch import ForwardBatch
+from tinyinfer.parallel.errors import ParallelError
 from tinyinfer.parallel.worker import NewKVCache, NewPagedPool, Report, Step, Stop, Worker
 
 
@@ -32,20 +33,21 @@ class ParallelModel:
         self._steps = itertools.count()
         self._freed = []  # caches and pools the driver dropped; the other devices drop theirs next time
         self.closed = False
+        self.failure = None  # why the group stopped, if a device failed
 
     # ---- what a Transformer offers ------------------------------------------------------------
     def new_kv_cache(self, capacity: int):
         cache_id = next(self._ids)
         cache = self._command(NewKVCache(cache_id, capacity))
         cache.cache_id = cache_id
-        weakref.finalize(cache, self._freed.append, ("kv", cache_id))
+        weakref.finalize(cache, self._drop, "kv", cache_id)
         return cache
 
     def new_paged_pool(self, num_blocks: int, block_size: int):
         pool_id = next(self._ids)
         pool = self._command(NewPagedPool(pool_id, num_blocks, block_size))
         pool.pool_id = pool_id
-        weakref.finalize(pool, self._freed.append, ("pool", pool_id))
+        weakref.finalize(pool, self._drop, "pool", pool_id)
         return pool
 
     def forward(self, batch: ForwardBatch, all_logits: bool = False) -> np.ndarray:
@@ -58,6 +60,10 @@ class ParallelModel:
             block_tables = np.full((len(chunks), widest), -1, np.int64)
             for row, chunk in zip(block_tables, chunks):
                 row[: len(chunk.cache.block_ids)] = chunk.cache.block_ids
+        for chunk in chunks:  # a user's mistake is refused here, before any device starts on it
+            if chunk.start + chunk.num_new > chunk.cache.capacity:
+                raise ValueError(f"KV cache is full: {chunk.start + chunk.num_new} tokens do not fit its "
+                                 f"{chunk.cache.capacity} rows")
         step = Step(
             index=next(self._steps),
             token_ids=np.asarray(batch.token_ids, np.int64),
@@ -86,6 +92,11 @@ class ParallelModel:
             self.closed = True
             self._command(Stop())
 
+    def _drop(self, kind: str, handle: int):
+        """The driver no longer uses a cache or pool (it was garbage-collected): the other
+        devices drop theirs with the next command."""
+        self._freed.append((kind, handle))
+
     def _cache_id(self, cache) -> int:
         if getattr(cache, "cache_id", None) is None:
             raise ValueError("this KV cache was not made by this parallel model; use llm.model.new_kv_cache(capacity)")
@@ -93,8 +104,15 @@ class ParallelModel:
 
     def _command(self, command):
         if self.closed and not isinstance(command, Stop):
-            raise RuntimeError("this parallel model has been closed")
+            raise RuntimeError(f"this parallel group is closed{': ' + self.failure if self.failure else ''}")
         command.frees, self._freed = self._freed, []
-        self.worker.replica.broadcast(command, root=0)
-        with self.worker.clock.busy(command.label):
-            return self.worker.run(command)
+        replica = self.worker.replica
+        replica.broadcast(command, root=0)
+        try:
+            with self.worker.clock.busy(command.label):
+                return self.worker.run(command)
+        except BaseException as error:  # the devices may be mid-command: stop them all
+            self.closed = True
+            self.failure = str(error) if isinstance(error, ParallelError) else f"device 0: {type(error).__name__}: {error}"
+            replica.fail(self.failure)
+            raise

@@ -80,6 +80,10 @@ class MPICommunicator(Communicator):
         self.world, self.comm, self.MPI = world, comm, world.MPI
         self.pending_sends = []  # isend requests (and their buffers) not yet known to be done
 
+    def fail(self, message: str):
+        """This rank cannot go on: say why and end the whole job."""
+        self.world.fail(message)
+
     # ---- collectives -------------------------------------------------------------------------
     def all_reduce(self, array: np.ndarray) -> np.ndarray:
         array = np.ascontiguousarray(array)

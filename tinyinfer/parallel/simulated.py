@@ -37,7 +37,7 @@ class SimulatedWorld:
         self.size, self.link, self.timeout = size, link, timeout
         self.compute_slot = threading.Lock()  # one device computes at a time (see clock.py)
         self.ledgers = [DeviceLedger(rank) for rank in range(size)]
-        self.clocks = [VirtualClock(ledger, self.compute_slot) for ledger in self.ledgers]
+        self.clocks = [VirtualClock(ledger, self.compute_slot, timeout) for ledger in self.ledgers]
         self.state = threading.Condition()  # guards the meetings, the mailboxes and `failure`
         self.meetings: dict[tuple, _Meeting] = {}
         self.mailboxes: dict[tuple, deque] = defaultdict(deque)  # (group, source, dest, tag) -> messages
@@ -74,6 +74,10 @@ class SimulatedCommunicator(Communicator):
         super().__init__(rank, ranks, world.clocks[ranks[rank]], world.link)
         self.world = world
         self.meeting = world.meetings[ranks]
+
+    def fail(self, message: str):
+        """This device cannot go on: every other device's wait ends with `message`."""
+        self.world.fail(message)
 
     # ---- collectives -------------------------------------------------------------------------
     def all_reduce(self, array: np.ndarray) -> np.ndarray:

@@ -105,24 +105,24 @@ class Worker:
         return self.replica.rank == 0
 
     def run(self, command):
-        """Carry out one command of the driver; the driver gets the result."""
+        """Carry out one command of the driver (just broadcast to the replica); the driver gets
+        the result."""
+        self.ledger.transfers[-1].label = command.label  # the broadcast that brought it
         for kind, handle in command.frees:
             (self.kv_caches if kind == "kv" else self.pools).pop(handle, None)
+        result = None
         if isinstance(command, Step):
-            return self.forward(command)
-        if isinstance(command, NewKVCache):
-            self.kv_caches[command.cache_id] = cache = self.model.new_kv_cache(command.capacity)
+            result = self.forward(command)
+        elif isinstance(command, NewKVCache):
+            self.kv_caches[command.cache_id] = result = self.model.new_kv_cache(command.capacity)
         elif isinstance(command, NewPagedPool):
-            self.pools[command.pool_id] = cache = self.model.new_paged_pool(command.num_blocks, command.block_size)
-        elif isinstance(command, Report):
-            ledgers = self.replica.gather(self.ledger)
+            self.pools[command.pool_id] = result = self.model.new_paged_pool(command.num_blocks, command.block_size)
+        self.ledger.kv_bytes = sum(c.nbytes for c in [*self.kv_caches.values(), *self.pools.values()])
+        if isinstance(command, Report):
+            result = self.replica.gather(self.ledger)
             if command.clear:
                 self.ledger.clear_timeline()
-            return ledgers
-        else:
-            return None
-        self.ledger.kv_bytes = sum(c.nbytes for c in [*self.kv_caches.values(), *self.pools.values()])
-        return cache  # the driver hands its own out
+        return result  # the driver hands its own new cache or pool out
 
     def forward(self, step: Step):
         """This device's part of one forward pass; the driver gets [rows, vocab] logits."""
