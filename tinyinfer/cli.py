@@ -347,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="perplexity of a text file (mean next-token loss)")
     add_model_arguments(evaluate)
+    add_parallel_arguments(evaluate, data_parallel=False)
     evaluate.add_argument("file", help="a UTF-8 text file")
     evaluate.add_argument("--context", type=int, help="window length in tokens (default: the model's context)")
     evaluate.add_argument("--chunks", type=int, help="score only the first N windows")
