@@ -91,7 +91,7 @@ def test_several_contiguous_caches_in_one_batch_run_op_by_op(tiny_model_dir, com
 
 
 def test_the_compiled_layers_cache_is_tied_to_the_kernels():
-    """Numba keys transformer_layer's disk cache on its own file only, and a cached layer kept
+    """Numba keys the compiled blocks' disk cache on their own file only, and a cached layer kept
     parts of old kernel code after numba_kernels.py changed: KERNELS_SOURCE puts
     numba_kernels.py's content into numba_layer.py's, so a changed kernel recompiles it."""
     actual = hashlib.sha256(Path(numba_kernels.__file__).read_bytes()).hexdigest()[:16]

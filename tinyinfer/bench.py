@@ -55,31 +55,45 @@ def random_model(shape: str, dtype=np.float32, seed: int = 0) -> tuple[ModelConf
 
 def decode_bytes_per_token(llm) -> int:
     """Bytes of weights one decode step reads: every matrix once, in its stored format, except
-    that the embedding table gives up only one row (the LM head, even when tied, is read whole)."""
-    weights = llm.model.weights
-    total = weights.nbytes
-    if weights.lm_head is not weights.embedding:
-        total -= weights.embedding.nbytes - weights.embedding[0].nbytes
-    return total
+    that the embedding table gives up only one row (the LM head, even when tied, is read whole).
+    On a parallel group, what its slowest path reads: each pipeline stage after the other, the
+    tensor-parallel devices of a stage side by side (the one that reads most)."""
+    if llm.parallel is None:
+        return llm.model.weights.decode_read_bytes
+    layout, ledgers = llm.parallel.layout, llm.model.ledgers()
+    stages = [ledgers[stage * layout.tp : (stage + 1) * layout.tp] for stage in range(layout.pp)]
+    return sum(max(ledger.decode_read_bytes for ledger in stage) for stage in stages)
+
+
+def clock(llm):
+    """The clock a benchmark of `llm` reads: the wall clock, except on simulated devices, whose
+    driver's virtual clock says how long the devices would have taken (each device's compute
+    measured alone on this machine, each transfer on the link model: tinyinfer/parallel/clock.py)."""
+    group = llm.parallel
+    if group is not None and group.simulated:
+        return group.world.clocks[0].now
+    return time.perf_counter
 
 
 def time_prefill(llm, prompt_tokens: int, rng) -> float:
     ids = rng.integers(0, llm.config.vocab_size, prompt_tokens).tolist()
     cache = llm.model.new_kv_cache(prompt_tokens)
-    start = time.perf_counter()
+    now = clock(llm)
+    start = now()
     llm.model.forward(ForwardBatch.build([ids], [cache]))
-    return time.perf_counter() - start
+    return now() - start
 
 
 def time_decode(llm, new_tokens: int, rng) -> float:
     """new_tokens steps of one token each, starting from an empty cache (as llama-bench's tg)."""
     cache = llm.model.new_kv_cache(new_tokens)
     token = int(rng.integers(0, llm.config.vocab_size))
-    start = time.perf_counter()
+    now = clock(llm)
+    start = now()
     for _ in range(new_tokens):
         logits = llm.model.forward(ForwardBatch.build([[token]], [cache]))
         token = int(np.argmax(logits[0]))
-    return time.perf_counter() - start
+    return now() - start
 
 
 def decode_side_by_side(llms: dict, rounds: int, new_tokens: int = 64) -> dict:

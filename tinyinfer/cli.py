@@ -22,6 +22,7 @@ from tinyinfer.parallel.link import LINKS, get_link
 from tinyinfer.parallel.plan import ParallelPlan, format_plan
 from tinyinfer.roofline import ROOFLINES, this_machine
 from tinyinfer.parallel.router import ROUTING
+from tinyinfer.parallel.timeline import draw_prefill_timeline, pyplot
 from tinyinfer.quantize import WEIGHT_FORMATS, store_weights
 
 
@@ -198,12 +199,22 @@ def bench_models(args):
                 else:
                     llm = LLM(config, store_weights(weights, weight_format), None, get_backend(backend), dtype,
                               Path(args.random))
-                yield f"random {args.random}", weight_format, llm
+                yield f"random {args.random}" + parallel_label(llm), weight_format, llm
             else:
                 llm = tinyinfer.load(args.model, backend=backend, dtype=args.dtype, weights=weight_format,
                                      **parallel_options(args))
-                yield llm.path.name, weight_format, llm
+                yield llm.path.name + parallel_label(llm), weight_format, llm
             llm.close()
+
+
+def parallel_label(llm) -> str:
+    """How a parallel model ran, for a bench row: its layout, and its clock (a simulation's
+    times are its devices' virtual clocks, priced on a link model)."""
+    group = llm.parallel
+    if group is None:
+        return ""
+    how = f"simulated, {group.world.link.name}" if group.simulated else "MPI"
+    return f", {group.layout.describe().split(' = ')[0]} ({how})"
 
 
 def cmd_bench_batch(args):
@@ -228,6 +239,8 @@ def cmd_bench_batch(args):
 
 def cmd_bench(args):
     """One table row per (backend, weight format), all measured in this one run."""
+    if args.timeline:
+        check_timeline_arguments(args)
     if args.batch:
         return cmd_bench_batch(args)
     print(f"| model | backend | weights | pp{args.prompt_tokens} tok/s | tg{args.new_tokens} tok/s | "
@@ -242,6 +255,17 @@ def cmd_bench(args):
             f"{r['decode_fraction_of_bound']:.0%} |",
             flush=True,
         )
+        if args.timeline:
+            bubble = draw_prefill_timeline(llm.model, args.prompt_tokens, args.timeline, title=name)
+            print(f"pipeline bubble: {bubble.describe()} -> {args.timeline}")
+
+
+def check_timeline_arguments(args):
+    if args.pp < 2:
+        raise ValueError("--timeline draws the stages of a pipeline: give --pp 2 or more")
+    if args.batch or "," in args.backend or "," in args.weights:
+        raise ValueError("--timeline draws one run: give one --backend and one --weights, and no --batch")
+    pyplot()  # matplotlib is there (or say so before the benchmark runs)
 
 
 def cmd_eval(args):
@@ -313,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch", help="batch sizes, e.g. 1,4,16,64: serve that many requests at once through the "
                                        "engine (prompts of -p tokens, -n new tokens each) and report throughput")
     bench.add_argument("--plot", help="with --batch: save throughput against latency as this PNG (needs matplotlib)")
+    bench.add_argument("--timeline", metavar="PNG",
+                       help="with --pp: then prefill max(micro-batches, pp) prompts of -p tokens once more and draw each "
+                            "device's compute and transfers as a Gantt chart (needs matplotlib), with the pipeline bubble")
     add_parallel_arguments(bench)
     bench.set_defaults(run=cmd_bench)
 

@@ -54,6 +54,15 @@ class ModelWeights:
     def nbytes(self) -> int:
         return sum(array.nbytes for array in self.arrays())
 
+    @property
+    def decode_read_bytes(self) -> int:
+        """Bytes one decode token reads: every matrix once, in its stored format, except that
+        an embedding table gives up only one row (an LM head, even when tied, is read whole)."""
+        total = self.nbytes
+        if self.embedding is not None and self.lm_head is not self.embedding:
+            total -= self.embedding.nbytes - self.embedding[0].nbytes
+        return total
+
     def map(self, function) -> "ModelWeights":
         """The same weights with `function` applied to every array (to move them to a device);
         a tied LM head stays the very same array as the embedding."""

@@ -39,6 +39,7 @@ class DeviceLedger:
     rank: int
     role: str = ""  # e.g. "tp 1/2, stage 0/2 (layers 0-5), replica 0"
     weight_bytes: int = 0  # its shard of the weights, plus what every device keeps whole
+    decode_read_bytes: int = 0  # what a decode token reads of them (one row of the embedding)
     kv_bytes: int = 0  # its KV caches and pools, as allocated
     peak_activation_bytes: int = 0  # the widest point of a layer, for the most tokens of any pass
     transfers: list[Transfer] = field(default_factory=list)

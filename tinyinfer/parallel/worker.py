@@ -98,6 +98,7 @@ class Worker:
         self.kv_caches = weakref.WeakValueDictionary() if self.is_driver else {}
         self.pools = weakref.WeakValueDictionary() if self.is_driver else {}
         self.ledger.weight_bytes = model.weights.nbytes
+        self.ledger.decode_read_bytes = model.weights.decode_read_bytes
         self.ledger.role = plan.describe()
 
     @property
