@@ -394,3 +394,35 @@ def test_a_chat_keeps_its_history_across_replicas():
         assert llm.engine.routed == [2, 1]
     finally:
         llm.close()
+
+
+def test_a_pipeline_keeps_one_step_in_flight_per_stage():
+    """On 2 stages the engine starts the second virtual engine's step before the first's
+    logits are back (vLLM's virtual engines): on the devices' clocks, the first stage works on
+    one step while the last stage works on the step before."""
+    llm = tinyinfer.load(FIXTURES / "models" / "llama", pp=2, micro_batches=1)
+    try:
+        engine = llm.new_engine(EngineConfig(block_size=4, num_blocks=64))
+        for prompt in ([1, 2, 3], [4, 5], [6, 7, 8, 9], [10]):
+            engine.add_request(prompt, tinyinfer.SamplingParams(max_tokens=6, ignore_eos=True))
+        assert engine.step() == []  # the first step is in flight, nothing to report yet
+        assert len(engine.in_flight) == 1
+        while engine.has_unfinished():
+            engine.step()
+        first, last = llm.model.ledgers()
+
+        def busy(ledger):  # step index -> (start, end) of its compute on this device
+            spans = {}
+            for span in ledger.compute:
+                if span.label.startswith("step "):
+                    step = int(span.label.split()[1].rstrip(","))
+                    start, end = spans.get(step, (span.start, span.end))
+                    spans[step] = (min(start, span.start), max(end, span.end))
+            return spans
+
+        on_first, on_last = busy(first), busy(last)
+        overlapping = [step for step in on_last if step + 1 in on_first
+                       and on_first[step + 1][0] < on_last[step][1] and on_last[step][0] < on_first[step + 1][1]]
+        assert len(overlapping) >= 3
+    finally:
+        llm.close()

@@ -14,6 +14,7 @@ class Sequence:
     def __init__(self, prompt_ids: list[int], params: SamplingParams, cache: KVCache, tokenizer, eos_token_ids,
                  max_context: int, model_stop_strings=()):
         self.request_id: int | None = None  # given by the engine
+        self.virtual_engine = 0  # which of the engine's in-flight step streams it belongs to (scheduler.py)
         self.prompt_ids = list(prompt_ids)
         self.num_cached_tokens = 0  # prompt tokens whose KV came from the prefix cache
         self.output_ids: list[int] = []

@@ -15,6 +15,7 @@ shared between requests with the same prefix.
 """
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from tinyinfer.engine.block_manager import BlockManager
@@ -77,7 +78,12 @@ class LLMEngine:
         num_blocks = config.num_blocks or self._default_num_blocks()
         self.pool = llm.model.new_paged_pool(num_blocks, config.block_size)  # on every device of a parallel group
         self.block_manager = BlockManager(num_blocks, config.block_size, config.prefix_caching)
-        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.block_manager)
+        # a pipeline keeps one step in flight per stage, so each stage has work (vLLM's virtual engines)
+        self.steps_in_flight = getattr(llm.model, "steps_in_flight", 1)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.block_manager,
+                                   self.steps_in_flight)
+        self.in_flight: deque = deque()  # (virtual engine, ticket, scheduled) of steps started, oldest first
+        self.next_virtual_engine = 0
         self.sequences: dict[int, Sequence] = {}  # live requests by id
         self.next_request_id = 0
         self.stats = EngineStats()
@@ -125,14 +131,37 @@ class LLMEngine:
 
     # ---- the step loop -------------------------------------------------------------------
     def step(self) -> list[RequestUpdate]:
-        """Run one forward pass over the scheduled work; report each request that got a token."""
+        """Run one forward pass over the scheduled work; report each request that got a token.
+
+        On a pipeline (steps_in_flight > 1) a call starts the next virtual engine's pass and,
+        once every stage has one in flight, finishes the oldest: the updates it returns are
+        that pass's. The calls between go on until has_unfinished() is False, as always."""
         start = time.perf_counter()
         preemptions_before = self.scheduler.num_preemptions
-        scheduled = self.scheduler.schedule()
+        scheduled = self._start_step()
+        updates = []
+        if self.in_flight and (len(self.in_flight) == self.steps_in_flight or not scheduled):
+            updates = self._finish_step()
+        elif not self.in_flight and not scheduled and self.has_unfinished():
+            # cannot happen while blocks are accounted for; never hang on it
+            raise RuntimeError(f"the engine cannot make progress: {len(self.scheduler.waiting)} requests wait, "
+                               f"{self.block_manager.num_free} KV blocks are free and nothing runs")
+        self.stats.preemptions += self.scheduler.num_preemptions - preemptions_before
+        in_use = self.pool.num_blocks - self.block_manager.num_free
+        self.stats.max_blocks_in_use = max(self.stats.max_blocks_in_use, in_use)
+        self.stats.busy_seconds += time.perf_counter() - start
+        return updates
+
+    def _start_step(self) -> list:
+        """Schedule the next virtual engine's work (if its last step is back) and start its
+        forward pass; the (sequence, tokens) pairs it runs, or [] if none."""
+        virtual_engine = self.next_virtual_engine
+        if any(engine == virtual_engine for engine, _, _ in self.in_flight):
+            return []
+        self.next_virtual_engine = (virtual_engine + 1) % self.steps_in_flight
+        busy = {sequence for _, _, scheduled in self.in_flight for sequence, _ in scheduled}
+        scheduled = self.scheduler.schedule(virtual_engine, busy)
         if not scheduled:
-            if self.has_unfinished():  # cannot happen while blocks are accounted for; never hang on it
-                raise RuntimeError(f"the engine cannot make progress: {len(self.scheduler.waiting)} requests wait, "
-                                   f"{self.block_manager.num_free} KV blocks are free and nothing runs")
             return []
         batch = ForwardBatch.build(
             [sequence.tokens_to_feed()[:num_new] for sequence, num_new in scheduled],
@@ -140,23 +169,29 @@ class LLMEngine:
         )
         # a decode step feeds the one token sampled last; everything else is (re)computing a prompt
         self.stats.prefill_tokens += sum(n for seq, n in scheduled if not (n == 1 and seq.output_ids))
-        logits = self.llm.model.forward(batch)  # [len(scheduled), vocab]: each sequence's last new token
+        if self.steps_in_flight == 1:
+            ticket = self.llm.model.forward(batch)  # [len(scheduled), vocab]: each sequence's last new token
+        else:
+            ticket = self.llm.model.submit(batch)  # the logits come back in _finish_step
+        self.in_flight.append((virtual_engine, ticket, scheduled))
+        self.stats.steps += 1
+        self.stats.batch_sizes.append(len(scheduled))
+        return scheduled
 
+    def _finish_step(self) -> list[RequestUpdate]:
+        """The oldest step's logits: sample a token for every sequence whose prompt is done."""
+        _, ticket, scheduled = self.in_flight.popleft()
+        logits = ticket if self.steps_in_flight == 1 else self.llm.model.collect(ticket)
         updates = []
         for (sequence, num_new), row in zip(scheduled, logits):
+            if sequence.finished:
+                continue  # aborted while its step was in flight
             self.block_manager.register_full_blocks(sequence.cache, sequence.token_ids)
             if sequence.cache.length < sequence.num_tokens:
                 continue  # a prompt chunk: the prompt's last token has not been computed yet
             sequence.append(sample(row, sequence.params, sequence.rng, sequence.token_ids))
             self.stats.decode_tokens += 1
             updates.append(self._update(sequence))
-
-        self.stats.steps += 1
-        self.stats.batch_sizes.append(len(scheduled))
-        self.stats.preemptions += self.scheduler.num_preemptions - preemptions_before
-        in_use = self.pool.num_blocks - self.block_manager.num_free
-        self.stats.max_blocks_in_use = max(self.stats.max_blocks_in_use, in_use)
-        self.stats.busy_seconds += time.perf_counter() - start
         return updates
 
     def _update(self, sequence: Sequence) -> RequestUpdate:

@@ -11,6 +11,12 @@ batching).
 When a running sequence needs a new block and none is free, the newest running sequence is
 preempted: its blocks are freed and it goes back to the front of the queue, to be recomputed
 later (its tokens so far become its prompt). The oldest sequence therefore always progresses.
+
+On a pipeline of p stages the engine keeps p steps in flight, so that every stage has work
+(vLLM's virtual engines): each request belongs to one of p `virtual_engines`, given at
+arrival to the one with the fewest, and a step schedules the sequences of one of them only.
+A sequence whose step is still in flight is never scheduled again nor preempted until its
+logits are back. With one virtual engine (one device, or no pipeline) all of this is moot.
 """
 
 from collections import deque
@@ -27,52 +33,64 @@ class SchedulerConfig:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, virtual_engines: int = 1):
         self.config = config
         self.block_manager = block_manager
+        self.virtual_engines = virtual_engines  # steps the engine keeps in flight (pipeline stages)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in order of admission: the last is the newest
         self.num_preemptions = 0
 
     def add(self, sequence: Sequence):
+        """Queue a new sequence, in the virtual engine with the fewest unfinished sequences."""
+        counts = [0] * self.virtual_engines
+        for other in [*self.waiting, *self.running]:
+            counts[other.virtual_engine] += 1
+        sequence.virtual_engine = counts.index(min(counts))
         self.waiting.append(sequence)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> list[tuple[Sequence, int]]:
-        """This step's work: (sequence, number of its tokens to compute) pairs."""
+    def schedule(self, virtual_engine: int = 0, in_flight=frozenset()) -> list[tuple[Sequence, int]]:
+        """This step's work: (sequence, number of its tokens to compute) pairs, among the
+        sequences of `virtual_engine`; sequences `in_flight` (in a step not yet collected) are
+        neither scheduled nor preempted."""
         budget = self.config.max_num_batched_tokens
         scheduled = []
         for sequence in list(self.running):
             if budget == 0:
                 break
-            if sequence not in self.running:  # preempted to make room for an older one
-                continue
+            if sequence not in self.running or sequence.virtual_engine != virtual_engine:
+                continue  # preempted to make room for an older one, or another engine's
             num_new = min(sequence.num_tokens - sequence.cache.length, budget)
-            if not self._make_room(sequence, sequence.cache.length + num_new):
+            if not self._make_room(sequence, sequence.cache.length + num_new, in_flight):
                 continue  # it was the newest, and preempted itself
             scheduled.append((sequence, num_new))
             budget -= num_new
 
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            sequence = self.waiting[0]
+        mine = [s for s in self.waiting if s.virtual_engine == virtual_engine]
+        running = sum(s.virtual_engine == virtual_engine for s in self.running)
+        while mine and budget > 0 and running < self.config.max_num_seqs:
+            sequence = mine[0]
             if not self.block_manager.can_allocate(sequence.num_tokens):
                 break  # first come, first served: nobody overtakes the head of the queue
             self.block_manager.allocate(sequence.cache, sequence.token_ids)
             sequence.num_cached_tokens = sequence.cache.length  # prefix-cache hits
-            self.waiting.popleft()
+            mine.pop(0)
+            self.waiting.remove(sequence)
             self.running.append(sequence)
+            running += 1
             num_new = min(sequence.num_tokens - sequence.cache.length, budget)
             scheduled.append((sequence, num_new))
             budget -= num_new
         return scheduled
 
-    def _make_room(self, sequence: Sequence, num_tokens: int) -> bool:
-        """Give `sequence` blocks for num_tokens, preempting the newest sequences as needed.
-        False if `sequence` itself had to be preempted."""
+    def _make_room(self, sequence: Sequence, num_tokens: int, in_flight=frozenset()) -> bool:
+        """Give `sequence` blocks for num_tokens, preempting the newest sequences (not in
+        flight) as needed. False if `sequence` itself had to be preempted."""
         while not self.block_manager.can_grow(sequence.cache, num_tokens):
-            victim = self.running[-1]
+            victim = next(s for s in reversed(self.running) if s not in in_flight)
             self.preempt(victim)
             if victim is sequence:
                 return False

@@ -13,12 +13,13 @@ next command.
 
 import itertools
 import weakref
+from collections import deque
 
 import numpy as np
 
 from tinyinfer.model.batch import ForwardBatch
 from tinyinfer.parallel.errors import ParallelError
-from tinyinfer.parallel.worker import NewKVCache, NewPagedPool, Report, Step, Stop, Worker
+from tinyinfer.parallel.worker import LOGITS_TAG, NewKVCache, NewPagedPool, Report, Step, Stop, Worker
 
 
 class ParallelModel:
@@ -34,6 +35,7 @@ class ParallelModel:
         self._freed = []  # caches and pools the driver dropped; the other devices drop theirs next time
         self.closed = False
         self.failure = None  # why the group stopped, if a device failed
+        self._submitted = deque()  # (step index, the driver's logits or None) of passes not yet collected
 
     # ---- what a Transformer offers ------------------------------------------------------------
     def new_kv_cache(self, capacity: int):
@@ -53,6 +55,19 @@ class ParallelModel:
     def forward(self, batch: ForwardBatch, all_logits: bool = False) -> np.ndarray:
         """The batch's new tokens through every stage; [rows, vocab] float32 logits, as
         Transformer.forward returns them."""
+        return self.collect(self.submit(batch, all_logits))
+
+    @property
+    def steps_in_flight(self) -> int:
+        """How many forward passes the engine keeps started and not yet collected: one per
+        pipeline stage, so that while the last stage finishes one step the first has the
+        next (vLLM's virtual engines). 1 without a pipeline."""
+        return self.layout.pp
+
+    def submit(self, batch: ForwardBatch, all_logits: bool = False) -> int:
+        """Start a forward pass: post it to every device and run the driver's own part (the
+        first stage). Returns a ticket for `collect`; the next pass may start before this one's
+        logits are back, since each device runs its commands in order."""
         chunks = batch.chunks
         paged = batch.paged is not None
         if paged:
@@ -75,10 +90,27 @@ class ParallelModel:
             all_logits=all_logits,
             micro_batches=self.micro_batches,
         )
-        logits = self._command(step)
+        logits = self._command(step)  # None unless the driver is also the last stage
         for chunk in chunks:  # the driver's own caches count the new tokens (the engine reads them)
             chunk.cache.length = chunk.start + chunk.num_new
-        return logits
+        self._submitted.append((step.index, logits))
+        return step.index
+
+    def collect(self, ticket: int) -> np.ndarray:
+        """The [rows, vocab] float32 logits of a submitted pass (passes are collected in the
+        order they were submitted): the last stage sends them to the driver."""
+        index, logits = self._submitted.popleft()
+        if index != ticket:
+            raise RuntimeError(f"collect step {index} before step {ticket}: passes come back in the order they started")
+        if logits is not None:
+            return logits
+        pipeline = self.worker.pipeline
+        self.worker.clock.set_label(f"step {index}")
+        try:
+            return pipeline.recv(pipeline.size - 1, LOGITS_TAG)
+        except BaseException as error:
+            self._fail(error)
+            raise
 
     # ---- what only a parallel model offers ----------------------------------------------------
     def ledgers(self, clear: bool = False) -> list:
@@ -111,8 +143,12 @@ class ParallelModel:
         try:
             with self.worker.clock.busy(command.label):
                 return self.worker.run(command)
-        except BaseException as error:  # the devices may be mid-command: stop them all
-            self.closed = True
-            self.failure = str(error) if isinstance(error, ParallelError) else f"device 0: {type(error).__name__}: {error}"
-            replica.fail(self.failure)
+        except BaseException as error:
+            self._fail(error)
             raise
+
+    def _fail(self, error: BaseException):
+        """The driver failed mid-command, and the devices may be mid-command too: stop them all."""
+        self.closed = True
+        self.failure = str(error) if isinstance(error, ParallelError) else f"device 0: {type(error).__name__}: {error}"
+        self.worker.replica.fail(self.failure)

@@ -6,7 +6,7 @@ Every process runs the same program; rank 0 drives (it runs the engine and print
 load their shards and carry out its commands (tinyinfer/parallel/worker.py), then exit. The
 calls are those of the simulated communicator (tinyinfer/parallel/communicator.py), recorded in
 the same ledger, on the wall clock (clock.py, WallClock). Arrays travel as buffers
-(Iallreduce, Iallgatherv); commands and activations as pickled messages.
+(Iallreduce, Iallgatherv); commands (broadcast) and activations (send) as pickled messages.
 
 No wait is unbounded inside a command: each call polls its request and gives up with a
 ParallelError after `timeout` seconds (a rank that died or hangs), and the process then aborts
@@ -18,7 +18,6 @@ MPI comes from PyPI: `pip install "tinyinfer[mpi]"` installs mpi4py and the MPIC
 """
 
 import os
-import pickle
 import sys
 import time
 
@@ -31,6 +30,7 @@ from tinyinfer.parallel.ledger import DeviceLedger
 from tinyinfer.parallel.link import LINKS, Link
 
 DEFAULT_TIMEOUT = 120.0
+BROADCAST_TAG = 30001  # the tag a broadcast's copies travel under
 # variables that mpiexec (MPICH's hydra, Open MPI, Slurm's PMI) sets in each process it starts
 LAUNCHER_VARIABLES = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK")
 
@@ -103,18 +103,25 @@ class MPICommunicator(Communicator):
         return np.moveaxis(flat.reshape((int(sizes.sum()),) + moved.shape[1:]), 0, axis)
 
     def broadcast(self, value=None, root: int = 0, wait_forever: bool = False):
-        """Root's value on every member: its pickled length, then its bytes."""
-        data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL) if self.rank == root else b""
-        length = np.array([len(data)], np.int64)
+        """The root sends every other member a pickled copy and goes on at once (as MPI allows a
+        broadcast's root to); a member waits for it. The driver's commands travel this way, so
+        it can post the next step while later stages still work on the last one."""
         arrived = self.clock.pause()
-        self._wait(self.comm.Ibcast(length, root), "broadcast", wait_forever)
-        buffer = np.frombuffer(data, np.uint8).copy() if self.rank == root else np.empty(int(length[0]), np.uint8)
-        self._wait(self.comm.Ibcast(buffer, root), "broadcast")
-        result = value if self.rank == root else pickle.loads(buffer.tobytes())
+        if self.rank == root:
+            self.pending_sends = [request for request in self.pending_sends if not request.Test()]
+            self.pending_sends += [self.comm.isend(value, member, BROADCAST_TAG)
+                                   for member in range(self.size) if member != root]
+            now = self.clock.now()
+            self.record("broadcast", payload_bytes(value), self.ranks, arrived, arrived, now)
+            self.clock.resume(now)
+            return value
+        self._wait_for(lambda: self.comm.Iprobe(root, BROADCAST_TAG), f"a broadcast from rank {self.ranks[root]}",
+                       wait_forever)
+        value = self.comm.recv(source=root, tag=BROADCAST_TAG)
         now = self.clock.now()
-        self.record("broadcast", payload_bytes(result), self.ranks, arrived, arrived, now)
+        self.record("broadcast", payload_bytes(value), self.ranks, arrived, arrived, now)
         self.clock.resume(now)
-        return result
+        return value
 
     def gather(self, value, root: int = 0):
         arrived = self.clock.pause()

@@ -27,6 +27,7 @@ from tinyinfer.parallel.ledger import DeviceLedger
 from tinyinfer.parallel.link import LINKS, Link
 
 DEFAULT_TIMEOUT = 120.0  # seconds a device waits for the others inside a command
+BROADCAST_TAG = -1  # the mailbox a broadcast's copies go to
 
 
 class SimulatedWorld:
@@ -94,8 +95,22 @@ class SimulatedCommunicator(Communicator):
                                 size_of=lambda arrays: sum(a.nbytes for a in arrays))  # priced on the gathered result
 
     def broadcast(self, value=None, root: int = 0, wait_forever: bool = False):
-        return self._collective("broadcast", value, None, lambda values: copy.deepcopy(values[root]),
-                                size_of=lambda values: payload_bytes(values[root]), wait_forever=wait_forever)
+        """The root posts a copy to every other member and goes on at once (as MPI allows a
+        broadcast's root to); a member waits for it. The driver's commands travel this way, so
+        it can post the next step while later stages still work on the last one."""
+        arrived = self.clock.pause()
+        if self.rank == root:
+            nbytes = payload_bytes(value)
+            end = self.record("broadcast", nbytes, self.ranks, arrived, arrived)
+            for member in range(self.size):
+                if member != root:
+                    self._post(member, BROADCAST_TAG, value, arrived)
+            self.clock.resume(arrived)
+            return value
+        value, sent_at = self._take(root, BROADCAST_TAG, wait_forever)
+        end = self.record("broadcast", payload_bytes(value), self.ranks, arrived, sent_at)
+        self.clock.resume(end)
+        return value
 
     def gather(self, value, root: int = 0):
         values = self._collective("gather", value, payload_bytes(value), lambda values: copy.deepcopy(values))
@@ -134,11 +149,8 @@ class SimulatedCommunicator(Communicator):
     def send(self, value, dest: int, tag: int = 0):
         """Post a copy of `value` to group member `dest`; returns at once (as MPI's isend)."""
         sent_at = self.clock.pause()
-        nbytes = payload_bytes(value)
-        end = self.record("send", nbytes, (self.global_rank, self.ranks[dest]), sent_at, sent_at)
-        with self.world.state:
-            self.world.mailboxes[(self.ranks, self.rank, dest, tag)].append((copy.deepcopy(value), end))
-            self.world.state.notify_all()
+        end = self.record("send", payload_bytes(value), (self.global_rank, self.ranks[dest]), sent_at, sent_at)
+        self._post(dest, tag, value, end)
         self.clock.resume(sent_at)
 
     def poll(self, source: int, tag: int = 0) -> bool:
@@ -149,6 +161,22 @@ class SimulatedCommunicator(Communicator):
     def recv(self, source: int, tag: int = 0, wait_forever: bool = False):
         """Wait for the next message from group member `source` with `tag`."""
         arrived = self.clock.pause()
+        value, delivered = self._take(source, tag, wait_forever)
+        nbytes = payload_bytes(value)
+        start = delivered - self.link.seconds("send", nbytes, 2)
+        self.record("recv", nbytes, (self.ranks[source], self.global_rank), arrived, start)
+        self.clock.resume(delivered)
+        return value
+
+    def _post(self, dest: int, tag: int, value, time: float):
+        """Leave a copy of `value` in member `dest`'s mailbox for (this member, tag), stamped
+        with `time` on this device's clock."""
+        with self.world.state:
+            self.world.mailboxes[(self.ranks, self.rank, dest, tag)].append((copy.deepcopy(value), time))
+            self.world.state.notify_all()
+
+    def _take(self, source: int, tag: int, wait_forever: bool):
+        """The oldest message from `source` with `tag`, and its time stamp; waits for one."""
         box = (self.ranks, source, self.rank, tag)
         with self.world.state:
             if not self.world.state.wait_for(lambda: self.world.mailboxes[box] or self.world.failure,
@@ -157,9 +185,4 @@ class SimulatedCommunicator(Communicator):
                                 f"device {self.ranks[source]}; it is stuck")
             if self.world.failure is not None:
                 raise ParallelError(self.world.failure)
-            value, delivered = self.world.mailboxes[box].popleft()
-        nbytes = payload_bytes(value)
-        start = delivered - self.link.seconds("send", nbytes, 2)
-        self.record("recv", nbytes, (self.ranks[source], self.global_rank), arrived, start)
-        self.clock.resume(delivered)
-        return value
+            return self.world.mailboxes[box].popleft()

@@ -126,7 +126,8 @@ class Worker:
         return result  # the driver hands its own new cache or pool out
 
     def forward(self, step: Step):
-        """This device's part of one forward pass; the driver gets [rows, vocab] logits."""
+        """This device's part of one forward pass. The last stage's logits ([rows, vocab]) go
+        to the driver: returned, if the driver is that stage, or sent to it."""
         plan, model, pipeline = self.plan, self.model, self.pipeline
         caches = self._caches(step)
         bounds = np.concatenate([[0], np.cumsum(step.num_new)])
@@ -145,14 +146,14 @@ class Worker:
             else:
                 pipeline.send(model.ops.to_numpy(x), pipeline.rank + 1, index)
         self.clock.set_label(step.label)
-        if plan.head:
-            logits = np.concatenate(logits)
-            if self.is_driver:
-                return logits
-            if self.tensor is None or self.tensor.rank == 0:  # one copy goes to the driver
-                pipeline.send(logits, 0, LOGITS_TAG)
-            return None
-        return pipeline.recv(pipeline.size - 1, LOGITS_TAG) if self.is_driver else None
+        if not plan.head:
+            return None  # the driver collects the logits later (ParallelModel.collect)
+        logits = np.concatenate(logits)
+        if self.is_driver:
+            return logits
+        if self.tensor is None or self.tensor.rank == 0:  # one copy goes to the driver
+            pipeline.send(logits, 0, LOGITS_TAG)
+        return None
 
     def _caches(self, step: Step) -> list:
         """Each sequence's cache on this device, holding step's start tokens: a contiguous
