@@ -426,3 +426,15 @@ def test_a_pipeline_keeps_one_step_in_flight_per_stage():
         assert len(overlapping) >= 3
     finally:
         llm.close()
+
+
+def test_fewer_requests_than_stages_still_run():
+    """One request on 3 stages: two of the three virtual engines have nothing, and the engine
+    must go on with the one that has."""
+    directory = write_hf_model_with_layers(3)
+    expected = tinyinfer.load(directory).generate([5, 6, 7], GREEDY).token_ids
+    llm = tinyinfer.load(directory, pp=3)
+    try:
+        assert llm.generate([5, 6, 7], GREEDY).token_ids == expected
+    finally:
+        llm.close()

@@ -19,6 +19,7 @@ from tinyinfer.loading import load_config
 from tinyinfer.parallel.launch import InMemorySource, ParallelOptions
 from tinyinfer.parallel.layout import ParallelLayout
 from tinyinfer.parallel.link import LINKS, get_link
+from tinyinfer.parallel.mpi import DEFAULT_TIMEOUT
 from tinyinfer.parallel.plan import ParallelPlan, format_plan
 from tinyinfer.roofline import ROOFLINES, this_machine
 from tinyinfer.parallel.router import ROUTING
@@ -46,6 +47,8 @@ def add_parallel_arguments(parser: argparse.ArgumentParser, data_parallel: bool 
     group.add_argument("--pp-layers", type=parse_layer_counts, help="layers of each stage, e.g. 6,6 (default: balanced)")
     group.add_argument("--micro-batches", type=int, help="split each step's sequences into this many (default: --pp)")
     group.add_argument("--link", default="nvlink", choices=sorted(LINKS), help="link model of simulated devices")
+    group.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                       help="seconds a device waits for another inside a step before the group stops with an error")
 
 
 def parse_layer_counts(text: str) -> list[int]:
@@ -58,7 +61,8 @@ def parse_layer_counts(text: str) -> list[int]:
 def parallel_options(args) -> dict:
     """The tinyinfer.load keywords of the parallel arguments."""
     return {"tp": args.tp, "pp": args.pp, "dp": getattr(args, "dp", 1), "pp_layers": args.pp_layers,
-            "micro_batches": args.micro_batches, "link": args.link, "routing": getattr(args, "routing", "round_robin")}
+            "micro_batches": args.micro_batches, "link": args.link, "routing": getattr(args, "routing", "round_robin"),
+            "timeout": args.timeout}
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, temperature: float):

@@ -153,15 +153,19 @@ class LLMEngine:
         return updates
 
     def _start_step(self) -> list:
-        """Schedule the next virtual engine's work (if its last step is back) and start its
-        forward pass; the (sequence, tokens) pairs it runs, or [] if none."""
-        virtual_engine = self.next_virtual_engine
-        if any(engine == virtual_engine for engine, _, _ in self.in_flight):
-            return []
-        self.next_virtual_engine = (virtual_engine + 1) % self.steps_in_flight
+        """Start the forward pass of the next virtual engine (in turn) whose last step is back
+        and that has work; the (sequence, tokens) pairs it runs, or [] if none has."""
         busy = {sequence for _, _, scheduled in self.in_flight for sequence, _ in scheduled}
-        scheduled = self.scheduler.schedule(virtual_engine, busy)
-        if not scheduled:
+        waiting_for = {engine for engine, _, _ in self.in_flight}
+        for turn in range(self.steps_in_flight):
+            virtual_engine = (self.next_virtual_engine + turn) % self.steps_in_flight
+            if virtual_engine in waiting_for:
+                continue
+            scheduled = self.scheduler.schedule(virtual_engine, busy)
+            if scheduled:
+                self.next_virtual_engine = (virtual_engine + 1) % self.steps_in_flight
+                break
+        else:
             return []
         batch = ForwardBatch.build(
             [sequence.tokens_to_feed()[:num_new] for sequence, num_new in scheduled],

@@ -158,11 +158,11 @@ def _launch_mpi(source, options: ParallelOptions, backend, dtype, weight_format)
     layout = options.layout
     world = MPIWorld(get_link(options.link), options.timeout)
     try:
+        check_options(source.config(), options, weight_format)
         if world.size != layout.world_size:
             raise ParallelConfigError(
                 f"mpiexec started {world.size} processes, but {layout.describe()}; start it with "
                 f"`mpiexec -n {layout.world_size}`, or give --tp, --pp and --dp whose product is {world.size}")
-        check_options(source.config(), options, weight_format)
     except ValueError:
         if world.rank == 0:
             raise  # the user's mistake: rank 0 says it once
@@ -186,15 +186,19 @@ def _build_device(source, options: ParallelOptions, rank: int, communicator, bac
     plan = ShardPlan(config, layout, rank, options.pp_layers)
     if weight_format is not None:
         weights = store_weights(weights, weight_format)
-    ops = get_backend(backend)
     # every device makes its groups in the same order (MPI makes a group with all its members)
     tensor = communicator(layout.tensor_group(rank)) if layout.tp > 1 else None
     pipeline = communicator(layout.pipeline_group(rank))
     replica = communicator(layout.replica_group(rank))
     data = communicator(layout.drivers()) if layout.dp > 1 and rank in layout.drivers() else None
     everyone = communicator(range(layout.world_size))
+    if rank != 0:  # device 0 compiles the backend's kernels first (Numba), the others then find them cached
+        everyone.barrier(wait_forever=True)
+    ops = get_backend(backend)
     model = ops.compile_model(Transformer(plan.local_config(), ops.load_weights(weights), ops, dtype, tensor,
                                           plan.vocab.start))
+    if rank == 0:
+        everyone.barrier(wait_forever=True)
     worker = Worker(plan, model, replica, pipeline, tensor)
     everyone.barrier(wait_forever=True)  # every device has loaded
     return {"config": config, "tokenizer": tokenizer, "worker": worker, "data": data, "ops": ops}

@@ -72,6 +72,7 @@ class MPIWorld:
         """This rank cannot go on: say why and end the whole job (every other rank stops too)."""
         print(f"tinyinfer: error on rank {self.rank}: {message}", file=sys.stderr, flush=True)
         self.comm.Abort(1)
+        os._exit(1)  # MPICH's Abort can return while another rank is stopped; this rank must not go on
 
 
 class MPICommunicator(Communicator):
