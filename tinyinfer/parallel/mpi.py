@@ -31,6 +31,7 @@ from tinyinfer.parallel.link import LINKS, Link
 
 DEFAULT_TIMEOUT = 120.0
 BROADCAST_TAG = 30001  # the tag a broadcast's copies travel under
+SPIN_SECONDS = 0.002  # how long a wait polls without sleeping
 # variables that mpiexec (MPICH's hydra, Open MPI, Slurm's PMI) sets in each process it starts
 LAUNCHER_VARIABLES = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK")
 
@@ -171,13 +172,19 @@ class MPICommunicator(Communicator):
         self._wait_for(request.Test, what, wait_forever)
 
     def _wait_for(self, done, what: str, wait_forever: bool = False):
-        """Poll `done` (it drives MPI's progress) until it is true, yielding the core between
-        polls (on an oversubscribed machine the rank we wait for may need it)."""
+        """Poll `done` (it drives MPI's progress) until it is true: first in a tight loop that
+        yields the core between polls (a collective between ranks that compute in step is over
+        in microseconds, and a sleep, 50 µs at least, would cost more than the transfer), then
+        with sleeps that grow to 0.5 ms (5 ms when waiting for the next command)."""
         deadline = None if wait_forever else time.monotonic() + self.world.timeout
-        pause = 0.0
+        spin_until = time.perf_counter() + SPIN_SECONDS
+        pause = 1e-5
         while not done():
+            if time.perf_counter() < spin_until:
+                os.sched_yield()
+                continue
             if deadline is not None and time.monotonic() > deadline:
                 raise ParallelError(f"rank {self.global_rank} waited {self.world.timeout:g} s for {what} among ranks "
                                     f"{list(self.ranks)}; a rank has died or hangs")
             time.sleep(pause)
-            pause = min(2 * pause + 1e-6, 0.005 if wait_forever else 0.0005)
+            pause = min(2 * pause, 0.005 if wait_forever else 0.0005)
