@@ -271,8 +271,8 @@ def format_plan(plan: ParallelPlan, prompt_tokens: int = 512, batch: int = 1, co
     prefill_time = plan.step_time([(0, prompt_tokens)])
     decode_time = plan.step_time([(context, 1)] * batch, micro_batches=m)
     lines += ["", _describe_step(f"prefill of {prompt_tokens} tokens", prefill_time),
-              _describe_step(f"decode step, batch {batch} at context {context}, {min(m, batch)} micro-batches",
-                             decode_time)]
+              _describe_step(f"decode step, batch {batch} at context {context}, {min(m, batch)} micro-batch"
+                             f"{'es' if min(m, batch) > 1 else ''}", decode_time)]
     return "\n".join(lines)
 
 
