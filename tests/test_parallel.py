@@ -16,7 +16,7 @@ import pytest
 
 import tinyinfer
 from tiny_models import FIXTURES, SHARED_MODELS, tiny_hf_config, write_hf_model
-from tinyinfer.engine import EngineConfig, LLMEngine
+from tinyinfer.engine import EngineConfig
 from tinyinfer.model.batch import ForwardBatch
 from tinyinfer.parallel import ParallelConfigError, ParallelError
 from tinyinfer.parallel.worker import Worker
@@ -438,3 +438,16 @@ def test_fewer_requests_than_stages_still_run():
         assert llm.generate([5, 6, 7], GREEDY).token_ids == expected
     finally:
         llm.close()
+
+
+def test_a_group_nobody_holds_any_more_stops_its_devices():
+    import gc
+
+    llm = tinyinfer.load(FIXTURES / "models" / "llama", tp=2, dp=2)
+    llm.generate([[1, 2, 3], [4, 5]], GREEDY)  # both replicas and the router at work
+    threads = llm.parallel.threads
+    del llm
+    gc.collect()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert threads and not any(thread.is_alive() for thread in threads)

@@ -214,3 +214,17 @@ def test_a_pipeline_of_one_sequence_is_bound_by_its_idle_stages_and_micro_batche
     assert one.idle > 0 and one.seconds == pytest.approx(one.compute + one.memory + one.link + one.idle)
     eight = plan.step_time([(0, 8)] * 8, micro_batches=8)
     assert eight.idle / eight.seconds < one.idle / one.seconds
+
+
+def test_the_ledger_keeps_each_devices_peak_activations():
+    """A layer at its widest (the residual stream, its norm, and the MLP's gate, up and their
+    product, 4-byte floats) for the most tokens of any pass: tp=2 halves the MLP part."""
+    llm = tinyinfer.load(FIXTURES / "models" / "llama", tp=2)
+    try:
+        llm.logits(list(range(1, 11)))  # 10 tokens
+        llm.generate([1, 2, 3], tinyinfer.SamplingParams(max_tokens=3))  # fewer tokens a pass
+        config = llm.config  # hidden 64, MLP 128: 64 columns a device
+        expected = 10 * (2 * config.hidden_size + 3 * config.intermediate_size // 2) * 4
+        assert [ledger.peak_activation_bytes for ledger in llm.model.ledgers()] == [expected, expected]
+    finally:
+        llm.close()

@@ -11,9 +11,9 @@ shard. The driver of each replica gets a ParallelModel over its replica; with dp
 drivers of the other replicas run their engines behind the router (router.py).
 """
 
-import atexit
 import sys
 import threading
+import weakref
 from dataclasses import dataclass
 
 from tinyinfer.config import ModelConfig
@@ -25,7 +25,7 @@ from tinyinfer.parallel.errors import ParallelConfigError, ParallelError
 from tinyinfer.parallel.layout import ParallelLayout
 from tinyinfer.parallel.link import get_link
 from tinyinfer.parallel.mpi import DEFAULT_TIMEOUT, MPIWorld, under_mpiexec
-from tinyinfer.parallel.router import ROUTING, serve_replica
+from tinyinfer.parallel.router import REQUESTS, ROUTING, serve_replica
 from tinyinfer.parallel.sharding import ShardPlan, check_int8_blocks, check_tensor_parallel, select_weights, stage_layers
 from tinyinfer.parallel.simulated import SimulatedWorld
 from tinyinfer.parallel.worker import Worker, serve
@@ -93,31 +93,50 @@ class InMemorySource:
 
 
 class ParallelGroup:
-    """The driver's handle on its group: the layout, the world, and closing it all down."""
+    """The driver's handle on its group: the layout, the world, and closing it all down (on
+    close(), when the group is garbage-collected, or when the interpreter exits)."""
 
     def __init__(self, layout: ParallelLayout, world, model: ParallelModel, data_group, routing: str, threads=()):
         self.layout, self.world, self.model = layout, world, model
         self.data_group, self.routing, self.threads = data_group, routing, list(threads)
         self.router = None  # the DataParallelEngine, once the LLM makes it
-        self.closed = False
+        self._closer = weakref.finalize(self, _close_group, model, data_group, self.threads)
 
     @property
     def simulated(self) -> bool:
         return isinstance(self.world, SimulatedWorld)
 
+    @property
+    def closed(self) -> bool:
+        return not self._closer.alive
+
     def close(self):
         """Stop every other device (threads end; MPI ranks exit). Safe to call twice."""
-        if self.closed:
-            return
-        self.closed = True
-        try:
-            if self.router is not None:
-                self.router.close()
-            self.model.close()
-        except ParallelError:
-            pass  # a device has failed: the others have stopped already
-        for thread in self.threads:
-            thread.join(timeout=10)
+        self._closer()
+
+
+def _close_group(model: ParallelModel, data_group, threads):
+    """Stop the other replicas' loops (each then stops its devices), then this replica's."""
+    try:
+        if data_group is not None:
+            for replica in range(1, data_group.size):
+                data_group.send(("stop",), replica, REQUESTS)
+        model.close()
+    except ParallelError:
+        pass  # a device has failed: the others have stopped already
+    for thread in threads:
+        thread.join(timeout=10)
+
+
+@dataclass
+class Device:
+    """One device, loaded: its Worker, and what its driver (if it is one) needs besides."""
+
+    config: ModelConfig  # the whole model's
+    tokenizer: object
+    worker: Worker
+    ops: object  # its backend
+    data_group: object  # the drivers' communicator (data parallelism), or None
 
 
 def launch(source, options: ParallelOptions, backend: str, dtype, weight_format: str | None):
@@ -131,9 +150,9 @@ def launch(source, options: ParallelOptions, backend: str, dtype, weight_format:
 
     def device(rank: int):
         try:
-            built = _build_device(source, options, rank, lambda ranks: world.communicator(rank, ranks), backend,
-                                  dtype, weight_format)
-            _run_device(built, options)
+            device = _build_device(source, options, rank, lambda ranks: world.communicator(rank, ranks), backend,
+                                   dtype, weight_format)
+            _run_device(device, options)
         except ParallelError:
             pass  # another device failed first; its error is the world's
         except BaseException as error:  # noqa: BLE001 - any failure must stop the others
@@ -144,14 +163,14 @@ def launch(source, options: ParallelOptions, backend: str, dtype, weight_format:
     for thread in threads:
         thread.start()
     try:
-        built = _build_device(source, options, 0, lambda ranks: world.communicator(0, ranks), backend, dtype,
-                              weight_format)
+        device_0 = _build_device(source, options, 0, lambda ranks: world.communicator(0, ranks), backend, dtype,
+                                 weight_format)
     except ParallelError:
-        raise
+        raise  # another device failed; the world knows already
     except BaseException as error:
         world.fail(f"device 0: {type(error).__name__}: {error}")
         raise
-    return _driver_result(built, options, threads, world)
+    return _driver_result(device_0, options, threads, world)
 
 
 def _launch_mpi(source, options: ParallelOptions, backend, dtype, weight_format):
@@ -168,18 +187,19 @@ def _launch_mpi(source, options: ParallelOptions, backend, dtype, weight_format)
             raise  # the user's mistake: rank 0 says it once
         sys.exit(2)
     try:
-        built = _build_device(source, options, world.rank, lambda ranks: world.communicator(world.rank, ranks),
-                              backend, dtype, weight_format)
+        device = _build_device(source, options, world.rank, lambda ranks: world.communicator(world.rank, ranks),
+                               backend, dtype, weight_format)
         if world.rank != 0:
-            _run_device(built, options)
+            _run_device(device, options)
     except Exception as error:  # noqa: BLE001 - one rank's failure ends the job, so nothing hangs
         world.fail(f"{type(error).__name__}: {error}")
     if world.rank != 0:
         sys.exit(0)  # this rank's work is done: its driver has closed the group
-    return _driver_result(built, options, (), world)
+    return _driver_result(device, options, (), world)
 
 
-def _build_device(source, options: ParallelOptions, rank: int, communicator, backend, dtype, weight_format):
+def _build_device(source, options: ParallelOptions, rank: int, communicator, backend, dtype,
+                  weight_format) -> Device:
     """Load this device's part, make its communicators, and build its Worker."""
     layout = options.layout
     config, weights, tokenizer = source.read(lambda config: ShardPlan(config, layout, rank, options.pp_layers))
@@ -201,25 +221,23 @@ def _build_device(source, options: ParallelOptions, rank: int, communicator, bac
         everyone.barrier(wait_forever=True)
     worker = Worker(plan, model, replica, pipeline, tensor)
     everyone.barrier(wait_forever=True)  # every device has loaded
-    return {"config": config, "tokenizer": tokenizer, "worker": worker, "data": data, "ops": ops}
+    return Device(config, tokenizer, worker, ops, data)
 
 
-def _run_device(built: dict, options: ParallelOptions):
+def _run_device(device: Device, options: ParallelOptions):
     """What a device other than the router does until the group closes."""
-    worker = built["worker"]
-    if built["data"] is None:
-        serve(worker)
+    if device.data_group is None:
+        serve(device.worker)
         return
     from tinyinfer.llm import LLM  # the driver of replica 1, 2, ...: an engine behind the router
 
-    model = ParallelModel(worker, options.micro_batches or options.pp)
-    llm = LLM.on_model(built["config"], model, built["tokenizer"], built["ops"], worker.model.dtype, None)
-    serve_replica(llm, built["data"])
+    model = ParallelModel(device.worker, options.micro_batches or options.pp)
+    llm = LLM.on_model(device.config, model, device.tokenizer, device.ops, device.worker.model.dtype, None)
+    serve_replica(llm, device.data_group)
     model.close()
 
 
-def _driver_result(built: dict, options: ParallelOptions, threads, world):
-    model = ParallelModel(built["worker"], options.micro_batches or options.pp)
-    group = ParallelGroup(options.layout, world, model, built["data"], options.routing, threads)
-    atexit.register(group.close)
-    return built["config"], model, built["tokenizer"], group
+def _driver_result(device: Device, options: ParallelOptions, threads, world):
+    model = ParallelModel(device.worker, options.micro_batches or options.pp)
+    group = ParallelGroup(options.layout, world, model, device.data_group, options.routing, threads)
+    return device.config, model, device.tokenizer, group

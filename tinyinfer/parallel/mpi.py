@@ -45,6 +45,8 @@ def import_mpi():
     try:
         from mpi4py import MPI
     except ImportError:
+        if os.environ.get("PMI_RANK", "0") != "0":
+            sys.exit(2)  # rank 0 says it, once
         raise ParallelConfigError('running over MPI needs mpi4py and an MPI library: pip install "tinyinfer[mpi]" '
                                   "(mpi4py and the MPICH wheel, which brings mpiexec)") from None
     return MPI

@@ -137,11 +137,6 @@ class DataParallelEngine:
         self.outstanding[replica] -= self.cost.pop(request_id)
         self.sequences.pop(request_id, None)
 
-    def close(self):
-        """Stop the other replicas' loops (each then stops its devices)."""
-        for replica in range(1, self.replicas):
-            self.group.send(("stop",), replica, REQUESTS)
-
 
 def serve_replica(llm, data_group):
     """The loop of a replica's driver (not the router's): take requests, step the engine, send
