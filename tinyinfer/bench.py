@@ -67,11 +67,13 @@ def decode_bytes_per_token(llm) -> int:
 
 def clock(llm):
     """The clock a benchmark of `llm` reads: the wall clock, except on simulated devices, whose
-    driver's virtual clock says how long the devices would have taken (each device's compute
-    measured alone on this machine, each transfer on the link model: tinyinfer/parallel/clock.py)."""
+    drivers' virtual clocks say how long the devices would have taken (each device's compute
+    measured alone on this machine, each transfer on the link model: tinyinfer/parallel/clock.py);
+    with several replicas, the latest of their drivers' clocks."""
     group = llm.parallel
     if group is not None and group.simulated:
-        return group.world.clocks[0].now
+        drivers = [group.world.clocks[rank] for rank in group.layout.drivers()]
+        return lambda: max(driver.now() for driver in drivers)
     return time.perf_counter
 
 
@@ -135,22 +137,26 @@ def run_batch_bench(llm, batch_size: int, prompt_tokens: int = 32, new_tokens: i
 
     Decode reads every weight once per step whatever the batch, so until the arithmetic catches
     up with the memory traffic, B sequences cost little more than one: throughput grows with B
-    while each request's time per token stays nearly flat."""
-    from tinyinfer.engine import EngineConfig, LLMEngine
+    while each request's time per token stays nearly flat. With dp replicas the requests go
+    through their router. On simulated devices the throughput is on the devices' virtual clocks
+    (clock()), while each request's own times are wall times of the simulation."""
+    from tinyinfer.engine import EngineConfig
     from tinyinfer.sampling import SamplingParams
 
     blocks_each = -(-(prompt_tokens + new_tokens) // 16)
-    engine = LLMEngine(llm, EngineConfig(block_size=16, num_blocks=batch_size * blocks_each, max_num_seqs=batch_size,
-                                         max_num_batched_tokens=max(512, batch_size * prompt_tokens), prefix_caching=False))
+    engine = llm.new_engine(EngineConfig(block_size=16, num_blocks=batch_size * blocks_each, max_num_seqs=batch_size,
+                                         max_num_batched_tokens=max(512, batch_size * prompt_tokens),
+                                         prefix_caching=False))  # with dp replicas, their router
     rng = np.random.default_rng(batch_size)
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     for _ in range(batch_size):
         engine.add_request(rng.integers(0, llm.config.vocab_size, prompt_tokens).tolist(), params)
     outputs = []
-    start = time.perf_counter()
+    now = clock(llm)
+    start = now()
     while engine.has_unfinished():
         outputs += [u.output for u in engine.step() if u.finished]
-    elapsed = time.perf_counter() - start
+    elapsed = now() - start
     return {
         "batch_size": batch_size,
         "output_tokens_per_s": batch_size * new_tokens / elapsed,
