@@ -19,7 +19,7 @@ from tinyinfer.loading import load_config
 from tinyinfer.parallel.launch import InMemorySource, ParallelOptions
 from tinyinfer.parallel.layout import ParallelLayout
 from tinyinfer.parallel.link import LINKS, get_link
-from tinyinfer.parallel.mpi import DEFAULT_TIMEOUT
+from tinyinfer.parallel.communicator import DEFAULT_TIMEOUT
 from tinyinfer.parallel.plan import ParallelPlan, format_plan
 from tinyinfer.roofline import ROOFLINES, this_machine
 from tinyinfer.parallel.router import ROUTING

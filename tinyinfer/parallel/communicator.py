@@ -34,6 +34,8 @@ import numpy as np
 from tinyinfer.parallel.ledger import Transfer
 from tinyinfer.parallel.link import bytes_per_device
 
+DEFAULT_TIMEOUT = 120.0  # seconds a device waits for the others inside a command
+
 
 def payload_bytes(value) -> int:
     """The bytes of the arrays in a message (in a dataclass, dict, list or tuple, at any

@@ -24,7 +24,8 @@ from tinyinfer.parallel.driver import ParallelModel
 from tinyinfer.parallel.errors import ParallelConfigError, ParallelError
 from tinyinfer.parallel.layout import ParallelLayout
 from tinyinfer.parallel.link import get_link
-from tinyinfer.parallel.mpi import DEFAULT_TIMEOUT, MPIWorld, under_mpiexec
+from tinyinfer.parallel.communicator import DEFAULT_TIMEOUT
+from tinyinfer.parallel.mpi import MPIWorld, under_mpiexec
 from tinyinfer.parallel.router import REQUESTS, ROUTING, serve_replica
 from tinyinfer.parallel.sharding import ShardPlan, check_int8_blocks, check_tensor_parallel, select_weights, stage_layers
 from tinyinfer.parallel.simulated import SimulatedWorld

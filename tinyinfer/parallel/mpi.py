@@ -24,12 +24,11 @@ import time
 import numpy as np
 
 from tinyinfer.parallel.clock import WallClock
-from tinyinfer.parallel.communicator import Communicator, payload_bytes
+from tinyinfer.parallel.communicator import DEFAULT_TIMEOUT, Communicator, payload_bytes
 from tinyinfer.parallel.errors import ParallelConfigError, ParallelError
 from tinyinfer.parallel.ledger import DeviceLedger
 from tinyinfer.parallel.link import LINKS, Link
 
-DEFAULT_TIMEOUT = 120.0
 BROADCAST_TAG = 30001  # the tag a broadcast's copies travel under
 SPIN_SECONDS = 0.002  # how long a wait polls without sleeping
 # variables that mpiexec (MPICH's hydra, Open MPI, Slurm's PMI) sets in each process it starts

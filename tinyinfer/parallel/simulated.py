@@ -21,12 +21,11 @@ from collections import defaultdict, deque
 import numpy as np
 
 from tinyinfer.parallel.clock import VirtualClock
-from tinyinfer.parallel.communicator import Communicator, payload_bytes
+from tinyinfer.parallel.communicator import DEFAULT_TIMEOUT, Communicator, payload_bytes
 from tinyinfer.parallel.errors import ParallelError
 from tinyinfer.parallel.ledger import DeviceLedger
 from tinyinfer.parallel.link import LINKS, Link
 
-DEFAULT_TIMEOUT = 120.0  # seconds a device waits for the others inside a command
 BROADCAST_TAG = -1  # the mailbox a broadcast's copies go to
 
 
@@ -100,8 +99,7 @@ class SimulatedCommunicator(Communicator):
         it can post the next step while later stages still work on the last one."""
         arrived = self.clock.pause()
         if self.rank == root:
-            nbytes = payload_bytes(value)
-            end = self.record("broadcast", nbytes, self.ranks, arrived, arrived)
+            self.record("broadcast", payload_bytes(value), self.ranks, arrived, arrived)
             for member in range(self.size):
                 if member != root:
                     self._post(member, BROADCAST_TAG, value, arrived)
