@@ -274,11 +274,24 @@ def test_an_int8_block_that_would_straddle_two_devices_is_refused():
         tinyinfer.load(FIXTURES / "models" / "llama", tp=4, weights="int8")
 
 
-@pytest.mark.parametrize("bad", [dict(tp=0), dict(pp=-1), dict(dp=1.5), dict(tp=2, micro_batches=0),
-                                 dict(tp=2, routing="random"), dict(tp=2, link="wifi")])
+@pytest.mark.parametrize("bad", [dict(tp=0), dict(pp=-1), dict(dp=1.5), dict(tp="2"), dict(tp=2, micro_batches=0),
+                                 dict(tp=2, micro_batches="2"), dict(pp=2, pp_layers=[1, "a"]),
+                                 dict(tp=2, routing="random"), dict(tp=2, link="wifi"), dict(tp=2, timeout=-1)])
 def test_impossible_parallel_settings_say_what_is_wrong(bad):
-    with pytest.raises(ValueError):
+    with pytest.raises(ParallelConfigError, match="|".join(bad)):
         tinyinfer.load(FIXTURES / "models" / "llama", **bad)
+
+
+@pytest.mark.parametrize("argument", [["--tp", "0"], ["--pp", "x"], ["--micro-batches", "0"], ["--timeout", "-1"],
+                                      ["--pp-layers", "1,a"]])
+def test_parallel_options_are_checked_before_anything_loads(argument, capsys):
+    from tinyinfer.cli import main
+
+    with pytest.raises(SystemExit) as exit:
+        main(["generate", "--model", str(FIXTURES / "models" / "llama"), "hello"] + argument)
+    assert exit.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert argument[0] in error and "Traceback" not in error
 
 
 def test_a_device_that_fails_stops_the_group_with_its_error(monkeypatch):

@@ -38,17 +38,49 @@ def add_model_arguments(parser: argparse.ArgumentParser):
 
 def add_parallel_arguments(parser: argparse.ArgumentParser, data_parallel: bool = True):
     group = parser.add_argument_group("parallelism (simulated devices; one process per device under mpiexec)")
-    group.add_argument("--tp", type=int, default=1, help="tensor-parallel devices: each layer's heads and MLP split")
-    group.add_argument("--pp", type=int, default=1, help="pipeline stages: each a range of layers")
+    group.add_argument("--tp", type=positive_int, default=1,
+                       help="tensor-parallel devices: each layer's heads and MLP split")
+    group.add_argument("--pp", type=positive_int, default=1, help="pipeline stages: each a range of layers")
     if data_parallel:
-        group.add_argument("--dp", type=int, default=1, help="data-parallel replicas of the whole model")
+        group.add_argument("--dp", type=positive_int, default=1, help="data-parallel replicas of the whole model")
         group.add_argument("--routing", default="round_robin", choices=ROUTING,
                            help="how requests are handed to replicas")
     group.add_argument("--pp-layers", type=parse_layer_counts, help="layers of each stage, e.g. 6,6 (default: balanced)")
-    group.add_argument("--micro-batches", type=int, help="split each step's sequences into this many (default: --pp)")
+    group.add_argument("--micro-batches", type=positive_int,
+                       help="split each step's sequences into this many (default: --pp)")
     group.add_argument("--link", default="nvlink", choices=sorted(LINKS), help="link model of simulated devices")
-    group.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+    group.add_argument("--timeout", type=positive_float, default=DEFAULT_TIMEOUT,
                        help="seconds a device waits for another inside a step before the group stops with an error")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or a positive integer, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
 
 
 def parse_layer_counts(text: str) -> list[int]:
@@ -361,19 +393,20 @@ def build_parser() -> argparse.ArgumentParser:
                                             "modelled time (from the config alone)")
     plan.add_argument("model", nargs="?", help="a model directory, its config.json, or a llama2.c .bin "
                                                 "(default: the bundled model, bard)")
-    plan.add_argument("--tp", type=int, default=1, help="tensor-parallel devices")
-    plan.add_argument("--pp", type=int, default=1, help="pipeline stages")
-    plan.add_argument("--dp", type=int, default=1, help="data-parallel replicas")
+    plan.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel devices")
+    plan.add_argument("--pp", type=positive_int, default=1, help="pipeline stages")
+    plan.add_argument("--dp", type=positive_int, default=1, help="data-parallel replicas")
     plan.add_argument("--pp-layers", type=parse_layer_counts, help="layers of each stage, e.g. 6,6")
     plan.add_argument("--link", default="nvlink", choices=sorted(LINKS), help="the link between devices")
     plan.add_argument("--device", default="h100", choices=sorted(ROOFLINES) + ["this-machine"],
                       help="each device's roofline (this-machine: measured here)")
     plan.add_argument("--weights", choices=WEIGHT_FORMATS, help="weight storage (default: the compute dtype)")
     plan.add_argument("--dtype", default="float32", choices=list(COMPUTE_DTYPES), help="compute dtype")
-    plan.add_argument("--prompt-tokens", type=int, default=512, help="the prefill to model")
-    plan.add_argument("--batch", type=int, default=1, help="sequences in the decode step to model")
-    plan.add_argument("--context", type=int, default=512, help="tokens each decoding sequence already holds")
-    plan.add_argument("--micro-batches", type=int, help="micro-batches of the decode step (default: --pp)")
+    plan.add_argument("--prompt-tokens", type=positive_int, default=512, help="the prefill to model")
+    plan.add_argument("--batch", type=positive_int, default=1, help="sequences in the decode step to model")
+    plan.add_argument("--context", type=non_negative_int, default=512,
+                      help="tokens each decoding sequence already holds")
+    plan.add_argument("--micro-batches", type=positive_int, help="micro-batches of the decode step (default: --pp)")
     plan.set_defaults(run=cmd_plan)
 
     evaluate = commands.add_parser("eval", help="perplexity of a text file (mean next-token loss)")

@@ -60,8 +60,11 @@ def check_options(config: ModelConfig, options: ParallelOptions, weight_format: 
     stage_layers(config.num_layers, layout.pp, options.pp_layers)
     if weight_format == "int8":
         check_int8_blocks(config, layout.tp)
-    if options.micro_batches is not None and options.micro_batches < 1:
-        raise ParallelConfigError(f"micro_batches must be at least 1, got {options.micro_batches}")
+    m = options.micro_batches
+    if m is not None and not (isinstance(m, int) and not isinstance(m, bool) and m >= 1):
+        raise ParallelConfigError(f"micro_batches must be a positive integer, got {m!r}")
+    if not (isinstance(options.timeout, (int, float)) and options.timeout > 0):
+        raise ParallelConfigError(f"timeout must be a positive number of seconds, got {options.timeout!r}")
     if options.routing not in ROUTING:
         raise ParallelConfigError(f"routing {options.routing!r} is not supported; choose one of {', '.join(ROUTING)}")
     get_link(options.link)

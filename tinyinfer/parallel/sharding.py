@@ -71,7 +71,8 @@ def stage_layers(num_layers: int, pp: int, pp_layers: list[int] | None = None) -
                                   f"choose pp between 1 and {num_layers}")
     if pp_layers is None:
         return [split(num_layers, pp, stage) for stage in range(pp)]
-    if len(pp_layers) != pp or sum(pp_layers) != num_layers or min(pp_layers) < 1:
+    whole = all(isinstance(n, int) and not isinstance(n, bool) for n in pp_layers)
+    if not whole or len(pp_layers) != pp or sum(pp_layers) != num_layers or min(pp_layers) < 1:
         raise ParallelConfigError(f"--pp-layers {','.join(map(str, pp_layers))} must give each of the {pp} stages at "
                                   f"least one layer, {num_layers} layers in all (e.g. "
                                   f"{','.join(str(len(r)) for r in stage_layers(num_layers, pp))})")
