@@ -261,3 +261,13 @@ class BlockAccounting(RuleBasedStateMachine):
 
 TestBlockAccounting = BlockAccounting.TestCase
 TestBlockAccounting.settings = settings(max_examples=30, stateful_step_count=30, deadline=None)
+
+
+def test_generate_returns_its_own_results_while_other_requests_finish(tiny_llm):
+    """A request added to the engine by someone else, finishing first, is not mistaken for
+    one of generate's."""
+    engine = tiny_llm.engine
+    other = engine.add_request([5, 6], SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+    out = tiny_llm.generate([7, 8, 9], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+    assert len(out.token_ids) == 5 and out.prompt_token_ids == [7, 8, 9]
+    assert other not in engine.sequences

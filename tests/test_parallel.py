@@ -464,3 +464,52 @@ def test_a_group_nobody_holds_any_more_stops_its_devices():
     for thread in threads:
         thread.join(timeout=10)
     assert threads and not any(thread.is_alive() for thread in threads)
+
+
+def test_aborting_a_request_whose_step_is_in_flight_leaves_the_group_working():
+    """On 2 stages the engine's first step is still in flight when the request is aborted: the
+    engine still collects it, and the next requests get their logits, not that step's."""
+    directory = FIXTURES / "models" / "llama"
+    expected = tinyinfer.load(directory).generate([9, 8, 7], GREEDY).token_ids
+    llm = tinyinfer.load(directory, pp=2)
+    try:
+        engine = llm.engine
+        request = engine.add_request([1, 2, 3], GREEDY)
+        engine.step()
+        assert len(engine.in_flight) == 1
+        engine.abort(request)
+        assert engine.has_unfinished()  # its step must still come back
+        while engine.has_unfinished():
+            assert engine.step() == []
+        assert llm.generate([9, 8, 7], GREEDY).token_ids == expected
+        llm.engine = llm.new_engine(EngineConfig())  # replacing an engine with a step in flight
+        llm.engine.add_request([1, 2, 3], GREEDY)
+        llm.engine.step()
+        llm.engine = llm.new_engine(EngineConfig())
+        assert llm.generate([9, 8, 7], GREEDY).token_ids == expected
+    finally:
+        llm.close()
+
+
+def test_ctrl_c_during_a_step_stops_the_caller_not_the_group(monkeypatch):
+    import signal
+
+    forward = Worker.forward
+    interrupted = []
+
+    def interrupt_once(self, step):
+        if self.is_driver and not interrupted:
+            interrupted.append(True)
+            signal.raise_signal(signal.SIGINT)  # as Ctrl-C would, half way through the step
+        return forward(self, step)
+
+    directory = FIXTURES / "models" / "llama"
+    llm = tinyinfer.load(directory, tp=2, pp=2)
+    try:
+        monkeypatch.setattr(Worker, "forward", interrupt_once)
+        with pytest.raises(KeyboardInterrupt):
+            llm.generate([1, 2, 3], GREEDY)
+        assert interrupted and not llm.parallel.closed
+        assert llm.generate([9, 8, 7], GREEDY).token_ids == tinyinfer.load(directory).generate([9, 8, 7], GREEDY).token_ids
+    finally:
+        llm.close()

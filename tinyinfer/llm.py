@@ -176,11 +176,16 @@ class LLM:
             for request_id in request_ids:  # a bad prompt in the list: the others do not run
                 self.engine.abort(request_id)
             raise
-        outputs = {}
-        while len(outputs) < len(request_ids):
-            for update in self.engine.step():
-                if update.finished:
-                    outputs[update.request_id] = update.output
+        outputs, mine = {}, set(request_ids)
+        try:
+            while len(outputs) < len(request_ids):
+                for update in self.engine.step():  # other requests in flight may finish too
+                    if update.finished and update.request_id in mine:
+                        outputs[update.request_id] = update.output
+        except BaseException:  # Ctrl-C (between steps) or a failure: these requests stop here
+            for request_id in mine - outputs.keys():
+                self.engine.abort(request_id)
+            raise
         results = [outputs[i] for i in request_ids]
         return results[0] if single else results
 

@@ -22,6 +22,7 @@ from tinyinfer.engine.block_manager import BlockManager
 from tinyinfer.engine.paged_cache import BlockTable
 from tinyinfer.engine.scheduler import Scheduler, SchedulerConfig
 from tinyinfer.errors import KVCacheTooSmallError
+from tinyinfer.interrupts import defer_interrupts
 from tinyinfer.model.batch import ForwardBatch
 from tinyinfer.outputs import GenerationOutput
 from tinyinfer.sampling import SamplingParams, sample
@@ -79,7 +80,7 @@ class LLMEngine:
         self.pool = llm.model.new_paged_pool(num_blocks, config.block_size)  # on every device of a parallel group
         self.block_manager = BlockManager(num_blocks, config.block_size, config.prefix_caching)
         # a pipeline keeps one step in flight per stage, so each stage has work (vLLM's virtual engines)
-        self.steps_in_flight = getattr(llm.model, "steps_in_flight", 1)
+        self.steps_in_flight = llm.model.steps_in_flight
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.block_manager,
                                    self.steps_in_flight)
         self.in_flight: deque = deque()  # (virtual engine, ticket, scheduled) of steps started, oldest first
@@ -127,7 +128,9 @@ class LLMEngine:
             self.scheduler.finish(sequence)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """Whether a request still runs or waits, or a step's logits are still to come back
+        (an aborted request's step is collected all the same)."""
+        return self.scheduler.has_unfinished() or bool(self.in_flight)
 
     # ---- the step loop -------------------------------------------------------------------
     def step(self) -> list[RequestUpdate]:
@@ -138,14 +141,15 @@ class LLMEngine:
         that pass's. The calls between go on until has_unfinished() is False, as always."""
         start = time.perf_counter()
         preemptions_before = self.scheduler.num_preemptions
-        scheduled = self._start_step()
-        updates = []
-        if self.in_flight and (len(self.in_flight) == self.steps_in_flight or not scheduled):
-            updates = self._finish_step()
-        elif not self.in_flight and not scheduled and self.has_unfinished():
-            # cannot happen while blocks are accounted for; never hang on it
-            raise RuntimeError(f"the engine cannot make progress: {len(self.scheduler.waiting)} requests wait, "
-                               f"{self.block_manager.num_free} KV blocks are free and nothing runs")
+        with defer_interrupts():  # Ctrl-C takes effect between steps, never inside one
+            scheduled = self._start_step()
+            updates = []
+            if self.in_flight and (len(self.in_flight) == self.steps_in_flight or not scheduled):
+                updates = self._finish_step()
+            elif not self.in_flight and not scheduled and self.has_unfinished():
+                # cannot happen while blocks are accounted for; never hang on it
+                raise RuntimeError(f"the engine cannot make progress: {self.scheduler.num_waiting} requests wait, "
+                                   f"{self.block_manager.num_free} KV blocks are free and nothing runs")
         self.stats.preemptions += self.scheduler.num_preemptions - preemptions_before
         in_use = self.pool.num_blocks - self.block_manager.num_free
         self.stats.max_blocks_in_use = max(self.stats.max_blocks_in_use, in_use)
@@ -173,10 +177,7 @@ class LLMEngine:
         )
         # a decode step feeds the one token sampled last; everything else is (re)computing a prompt
         self.stats.prefill_tokens += sum(n for seq, n in scheduled if not (n == 1 and seq.output_ids))
-        if self.steps_in_flight == 1:
-            ticket = self.llm.model.forward(batch)  # [len(scheduled), vocab]: each sequence's last new token
-        else:
-            ticket = self.llm.model.submit(batch)  # the logits come back in _finish_step
+        ticket = self.llm.model.submit(batch)  # its logits come back in _finish_step
         self.in_flight.append((virtual_engine, ticket, scheduled))
         self.stats.steps += 1
         self.stats.batch_sizes.append(len(scheduled))
@@ -185,7 +186,7 @@ class LLMEngine:
     def _finish_step(self) -> list[RequestUpdate]:
         """The oldest step's logits: sample a token for every sequence whose prompt is done."""
         _, ticket, scheduled = self.in_flight.popleft()
-        logits = ticket if self.steps_in_flight == 1 else self.llm.model.collect(ticket)
+        logits = self.llm.model.collect(ticket)  # [len(scheduled), vocab]: each sequence's last new token
         updates = []
         for (sequence, num_new), row in zip(scheduled, logits):
             if sequence.finished:

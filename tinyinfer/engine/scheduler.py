@@ -36,21 +36,24 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager, virtual_engines: int = 1):
         self.config = config
         self.block_manager = block_manager
-        self.virtual_engines = virtual_engines  # steps the engine keeps in flight (pipeline stages)
-        self.waiting: deque[Sequence] = deque()
+        # one queue and one count of unfinished sequences per virtual engine (pipeline stage)
+        self.queues: list[deque[Sequence]] = [deque() for _ in range(virtual_engines)]
+        self.unfinished = [0] * virtual_engines
         self.running: list[Sequence] = []  # in order of admission: the last is the newest
         self.num_preemptions = 0
 
+    @property
+    def num_waiting(self) -> int:
+        return sum(len(queue) for queue in self.queues)
+
     def add(self, sequence: Sequence):
         """Queue a new sequence, in the virtual engine with the fewest unfinished sequences."""
-        counts = [0] * self.virtual_engines
-        for other in [*self.waiting, *self.running]:
-            counts[other.virtual_engine] += 1
-        sequence.virtual_engine = counts.index(min(counts))
-        self.waiting.append(sequence)
+        sequence.virtual_engine = self.unfinished.index(min(self.unfinished))
+        self.unfinished[sequence.virtual_engine] += 1
+        self.queues[sequence.virtual_engine].append(sequence)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.running) or self.num_waiting > 0
 
     def schedule(self, virtual_engine: int = 0, in_flight=frozenset()) -> list[tuple[Sequence, int]]:
         """This step's work: (sequence, number of its tokens to compute) pairs, among the
@@ -69,16 +72,15 @@ class Scheduler:
             scheduled.append((sequence, num_new))
             budget -= num_new
 
-        mine = [s for s in self.waiting if s.virtual_engine == virtual_engine]
+        waiting = self.queues[virtual_engine]
         running = sum(s.virtual_engine == virtual_engine for s in self.running)
-        while mine and budget > 0 and running < self.config.max_num_seqs:
-            sequence = mine[0]
+        while waiting and budget > 0 and running < self.config.max_num_seqs:
+            sequence = waiting[0]
             if not self.block_manager.can_allocate(sequence.num_tokens):
                 break  # first come, first served: nobody overtakes the head of the queue
             self.block_manager.allocate(sequence.cache, sequence.token_ids)
             sequence.num_cached_tokens = sequence.cache.length  # prefix-cache hits
-            mine.pop(0)
-            self.waiting.remove(sequence)
+            waiting.popleft()
             self.running.append(sequence)
             running += 1
             num_new = min(sequence.num_tokens - sequence.cache.length, budget)
@@ -101,13 +103,16 @@ class Scheduler:
         """Free a running sequence's blocks and queue it first, to be recomputed."""
         self.running.remove(sequence)
         self.block_manager.free(sequence.cache)
-        self.waiting.appendleft(sequence)
+        self.queues[sequence.virtual_engine].appendleft(sequence)
         self.num_preemptions += 1
 
     def finish(self, sequence: Sequence):
         """A sequence is done (or aborted): it leaves, and its blocks go back to the pool."""
         if sequence in self.running:
             self.running.remove(sequence)
-        elif sequence in self.waiting:
-            self.waiting.remove(sequence)
+        elif sequence in self.queues[sequence.virtual_engine]:
+            self.queues[sequence.virtual_engine].remove(sequence)
+        else:
+            return  # finished already
+        self.unfinished[sequence.virtual_engine] -= 1
         self.block_manager.free(sequence.cache)

@@ -51,6 +51,18 @@ class Transformer:
         return PagedKVPool(self.config, num_blocks, block_size, self.ops, self.dtype)
 
     # ---- the forward pass --------------------------------------------------------------------
+    steps_in_flight = 1  # forward passes the engine may start before collecting one (a pipeline's stages)
+
+    def submit(self, batch: ForwardBatch) -> np.ndarray:
+        """Start a forward pass and return its ticket for `collect`. On one device the pass
+        runs at once, so the ticket is its logits; a pipeline (tinyinfer/parallel/driver.py)
+        returns before its last stage is done."""
+        return self.forward(batch)
+
+    def collect(self, ticket: np.ndarray) -> np.ndarray:
+        """The logits of a submitted pass."""
+        return ticket
+
     def forward(self, batch: ForwardBatch, all_logits: bool = False) -> np.ndarray:
         """Run the batch's new tokens through the model, extending each sequence's KV cache.
 

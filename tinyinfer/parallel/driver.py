@@ -17,6 +17,7 @@ from collections import deque
 
 import numpy as np
 
+from tinyinfer.interrupts import defer_interrupts
 from tinyinfer.model.batch import ForwardBatch
 from tinyinfer.parallel.errors import ParallelError
 from tinyinfer.parallel.worker import LOGITS_TAG, NewKVCache, NewPagedPool, Report, Step, Stop, Worker
@@ -40,14 +41,16 @@ class ParallelModel:
     # ---- what a Transformer offers ------------------------------------------------------------
     def new_kv_cache(self, capacity: int):
         cache_id = next(self._ids)
-        cache = self._command(NewKVCache(cache_id, capacity))
+        with defer_interrupts():
+            cache = self._command(NewKVCache(cache_id, capacity))
         cache.cache_id = cache_id
         weakref.finalize(cache, self._drop, "kv", cache_id)
         return cache
 
     def new_paged_pool(self, num_blocks: int, block_size: int):
         pool_id = next(self._ids)
-        pool = self._command(NewPagedPool(pool_id, num_blocks, block_size))
+        with defer_interrupts():
+            pool = self._command(NewPagedPool(pool_id, num_blocks, block_size))
         pool.pool_id = pool_id
         weakref.finalize(pool, self._drop, "pool", pool_id)
         return pool
@@ -90,20 +93,28 @@ class ParallelModel:
             all_logits=all_logits,
             micro_batches=self.micro_batches,
         )
-        logits = self._command(step)  # None unless the driver is also the last stage
-        for chunk in chunks:  # the driver's own caches count the new tokens (the engine reads them)
-            chunk.cache.length = chunk.start + chunk.num_new
-        self._submitted.append((step.index, logits))
+        with defer_interrupts():
+            logits = self._command(step)  # None unless the driver is also the last stage
+            for chunk in chunks:  # the driver's own caches count the new tokens (the engine reads them)
+                chunk.cache.length = chunk.start + chunk.num_new
+            self._submitted.append((step.index, logits))
         return step.index
 
     def collect(self, ticket: int) -> np.ndarray:
-        """The [rows, vocab] float32 logits of a submitted pass (passes are collected in the
-        order they were submitted): the last stage sends them to the driver."""
-        index, logits = self._submitted.popleft()
-        if index != ticket:
-            raise RuntimeError(f"collect step {index} before step {ticket}: passes come back in the order they started")
-        if logits is not None:
-            return logits
+        """The [rows, vocab] float32 logits of a submitted pass: the last stage sends them to
+        the driver, in the order the passes started. Passes started before `ticket` and never
+        collected (an engine replaced mid-run) are received and dropped on the way."""
+        if all(index != ticket for index, _ in self._submitted):
+            raise RuntimeError(f"step {ticket} was not submitted, or was collected already")
+        with defer_interrupts():
+            index = None
+            while index != ticket:
+                index, logits = self._submitted.popleft()
+                if logits is None:
+                    logits = self._receive_logits(index)
+        return logits
+
+    def _receive_logits(self, index: int) -> np.ndarray:
         pipeline = self.worker.pipeline
         self.worker.clock.set_label(f"step {index}")
         try:
@@ -116,7 +127,8 @@ class ParallelModel:
     def ledgers(self, clear: bool = False) -> list:
         """Every device's DeviceLedger (memory, transfers, compute spans), in replica order;
         clear: start a fresh timeline on every device afterwards."""
-        return self._command(Report(clear))
+        with defer_interrupts():
+            return self._command(Report(clear))
 
     def close(self):
         """Stop the replica's other devices (their threads or processes end)."""
@@ -138,8 +150,7 @@ class ParallelModel:
         if self.closed and not isinstance(command, Stop):
             raise RuntimeError(f"this parallel group is closed{': ' + self.failure if self.failure else ''}")
         command.frees, self._freed = self._freed, []
-        replica = self.worker.replica
-        replica.broadcast(command, root=0)
+        self.worker.replica.broadcast(command, root=0)
         try:
             with self.worker.clock.busy(command.label):
                 return self.worker.run(command)
@@ -152,3 +163,4 @@ class ParallelModel:
         self.closed = True
         self.failure = str(error) if isinstance(error, ParallelError) else f"device 0: {type(error).__name__}: {error}"
         self.worker.replica.fail(self.failure)
+

@@ -23,7 +23,7 @@ from tinyinfer.config import ModelConfig
 from tinyinfer.ops import cost
 from tinyinfer.parallel.layout import ParallelLayout
 from tinyinfer.parallel.link import Link, bytes_per_device
-from tinyinfer.parallel.sharding import ShardPlan, split, stage_layers
+from tinyinfer.parallel.sharding import ShardPlan, check_int8_blocks, split, stage_layers
 from tinyinfer.quantize import BLOCK
 from tinyinfer.roofline import Roofline
 
@@ -80,6 +80,8 @@ class ParallelPlan:
         self.config, self.layout, self.link, self.roofline = config, layout, link, roofline
         self.weight_format, self.dtype = weight_format, np.dtype(dtype)
         stage_layers(config.num_layers, layout.pp, pp_layers)  # the same errors as a real load
+        if weight_format == "int8":
+            check_int8_blocks(config, layout.tp)
         self.devices = []
         for rank in range(layout.replica_size):  # every replica is the same
             shard = ShardPlan(config, layout, rank, pp_layers)
