@@ -167,6 +167,20 @@ def test_a_layout_that_does_not_fit_the_model_is_one_error_from_rank_0(layout, m
     assert job.stderr.splitlines() == [message]  # once, not once per rank; no traceback
 
 
+def test_bench_under_mpiexec_prints_one_table_from_rank_0():
+    job = run_cli(2, "bench", "--model", str(MODELS / "llama"), "--tp", "2", "-r", "1", "-p", "8", "-n", "4")
+    assert job.returncode == 0, job.stderr
+    lines = job.stdout.splitlines()
+    assert lines[0].startswith("| model |") and lines.count(lines[0]) == 1
+    assert len(lines) == 3 and "tp=2 x pp=1 x dp=1 (MPI)" in lines[2]
+
+
+def test_bench_under_mpiexec_refuses_several_formats_once():
+    job = run_cli(2, "bench", "--model", str(MODELS / "llama"), "--tp", "2", "--weights", "float32,float16")
+    assert job.returncode == 2
+    assert len(job.stderr.splitlines()) == 1 and "one --backend and one --weights per launch" in job.stderr
+
+
 def test_without_mpi4py_the_error_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "mpi4py", None)  # `from mpi4py import MPI` now raises ImportError
     with pytest.raises(ParallelConfigError, match=re.escape('pip install "tinyinfer[mpi]"')) as error:

@@ -228,3 +228,18 @@ def test_the_ledger_keeps_each_devices_peak_activations():
         assert [ledger.peak_activation_bytes for ledger in llm.model.ledgers()] == [expected, expected]
     finally:
         llm.close()
+
+
+def test_a_long_run_keeps_a_bounded_timeline_and_counts_every_byte(monkeypatch):
+    from tinyinfer.parallel import ledger as ledger_module
+
+    monkeypatch.setattr(ledger_module, "TIMELINE_LENGTH", 10)
+    llm = tinyinfer.load(FIXTURES / "models" / "llama", tp=2)
+    try:
+        llm.generate([1, 2, 3], tinyinfer.SamplingParams(max_tokens=20, ignore_eos=True))
+        ledger = llm.model.ledgers()[0]
+        assert len(ledger.transfers) == 10 and len(ledger.compute) == 10
+        kept = sum(t.bytes for t in ledger.transfers if t.kind == "all_reduce")
+        assert ledger.bytes_by_kind()["all_reduce"] > kept > 0
+    finally:
+        llm.close()

@@ -17,6 +17,7 @@ from tinyinfer.ops import BACKENDS, get_backend
 from tinyinfer.default_model import default_model_path
 from tinyinfer.loading import load_config
 from tinyinfer.parallel.launch import InMemorySource, ParallelOptions
+from tinyinfer.parallel.mpi import launched_rank, under_mpiexec
 from tinyinfer.parallel.layout import ParallelLayout
 from tinyinfer.parallel.link import LINKS, get_link
 from tinyinfer.parallel.communicator import DEFAULT_TIMEOUT
@@ -256,10 +257,12 @@ def parallel_label(llm) -> str:
 def cmd_bench_batch(args):
     """Output throughput and per-token latency for each batch size, served by the engine."""
     sizes = [int(b) for b in args.batch.split(",")]
-    print("| model | backend | weights | batch | output tok/s | median time/token | median first token | x batch 1 |")
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
     rows = []
-    for name, weight_format, llm in bench_models(args):
+    for index, (name, weight_format, llm) in enumerate(bench_models(args)):
+        if index == 0:  # once a model is loaded: under mpiexec only rank 0 gets here
+            print("| model | backend | weights | batch | output tok/s | median time/token | median first token | "
+                  "x batch 1 |")
+            print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
         first = None
         for size in sizes:
             r = run_batch_bench(llm, size, args.prompt_tokens, args.new_tokens)
@@ -277,12 +280,18 @@ def cmd_bench(args):
     """One table row per (backend, weight format), all measured in this one run."""
     if args.timeline:
         check_timeline_arguments(args)
+    if under_mpiexec() and ("," in args.backend or "," in args.weights):
+        if launched_rank() != 0:
+            return 2  # rank 0 says why
+        raise ValueError("under mpiexec, bench measures one --backend and one --weights per launch (the ranks "
+                         "serving a group exit when it closes); run mpiexec once for each")
     if args.batch:
         return cmd_bench_batch(args)
-    print(f"| model | backend | weights | pp{args.prompt_tokens} tok/s | tg{args.new_tokens} tok/s | "
-          "weights read/token | read bandwidth | decode bound tok/s | tg / bound |")
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for name, weight_format, llm in bench_models(args):
+    for index, (name, weight_format, llm) in enumerate(bench_models(args)):
+        if index == 0:  # once a model is loaded: under mpiexec only rank 0 gets here
+            print(f"| model | backend | weights | pp{args.prompt_tokens} tok/s | tg{args.new_tokens} tok/s | "
+                  "weights read/token | read bandwidth | decode bound tok/s | tg / bound |")
+            print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
         r = run_bench(llm, args.prompt_tokens, args.new_tokens, args.repetitions)
         print(
             f"| {name} | {llm.ops.name} | {weight_format} | {r['prefill_tokens_per_s']:.1f} | "

@@ -30,23 +30,32 @@ class ForwardBatch:
     token_ids: np.ndarray  # [tokens] int64, every sequence's new tokens, one after another
     positions: np.ndarray  # [tokens] int64, each token's position within its own sequence
     chunks: list[SequenceChunk]  # in the order their tokens appear in token_ids
-    paged: "PagedBatch | None" = None  # set when every cache is a block table of one pool (the engine's)
+    _paged: "PagedBatch | None" = None
 
     @classmethod
     def build(cls, token_lists: list[list[int]], caches: list) -> "ForwardBatch":
         """Each cache (a KVCache, or an engine BlockTable) continues with its token list (its
-        cache.length tokens are already in). Block tables of the paged pool get a PagedBatch,
-        which every layer of the pass reuses."""
-        from tinyinfer.engine.paged_cache import BlockTable, PagedBatch  # the engine's layer imports this one
-
+        cache.length tokens are already in)."""
         chunks = [SequenceChunk(cache, cache.length, len(tokens)) for tokens, cache in zip(token_lists, caches)]
         token_ids = np.array([t for tokens in token_lists for t in tokens], dtype=np.int64)
         positions = np.concatenate([np.arange(c.start, c.start + c.num_new) for c in chunks])
-        batch = cls(token_ids, positions.astype(np.int64), chunks)
-        if all(isinstance(cache, BlockTable) for cache in caches):
-            pool = caches[0].pool
-            batch.paged = PagedBatch(pool, pool.ops, chunks)
-        return batch
+        return cls(token_ids, positions.astype(np.int64), chunks)
+
+    @property
+    def paged(self) -> "PagedBatch | None":
+        """Where the layers of this pass write and read keys and values when every cache is a
+        block table of one pool (the engine's): made on first use and reused by every layer.
+        None for contiguous caches."""
+        from tinyinfer.engine.paged_cache import BlockTable, PagedBatch  # the engine's layer imports this one
+
+        if self._paged is None and all(isinstance(chunk.cache, BlockTable) for chunk in self.chunks):
+            pool = self.chunks[0].cache.pool
+            self._paged = PagedBatch(pool, pool.ops, self.chunks)
+        return self._paged
+
+    @paged.setter
+    def paged(self, paged: "PagedBatch"):
+        self._paged = paged
 
     @property
     def last_token_rows(self) -> np.ndarray:

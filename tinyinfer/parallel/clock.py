@@ -73,9 +73,8 @@ class VirtualClock(WallClock):
         self.wall_start = None  # perf_counter() when the current compute span began
 
     def now(self) -> float:
-        if self.wall_start is None:
-            return self.time
-        return self.time + time.perf_counter() - self.wall_start
+        start, elapsed = self.wall_start, self.time  # read once: another thread may be asking
+        return elapsed if start is None else elapsed + time.perf_counter() - start
 
     def pause(self) -> float:
         if self.wall_start is not None:

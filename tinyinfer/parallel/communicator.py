@@ -81,6 +81,6 @@ class Communicator:
         seconds = self.link.seconds(priced_as, buffer_bytes, devices)
         sent = bytes_per_device(priced_as, buffer_bytes, devices)
         end = start + seconds if end is None else end
-        self.ledger.transfers.append(Transfer(kind, sent, tuple(participants), seconds, start, end, arrived,
-                                              self.clock.label))
+        self.ledger.add_transfer(Transfer(kind, sent, tuple(participants), seconds, start, end, arrived,
+                                          self.clock.label))
         return end

@@ -17,6 +17,7 @@ from collections import deque
 
 import numpy as np
 
+from tinyinfer.engine.paged_cache import BlockTable
 from tinyinfer.interrupts import defer_interrupts
 from tinyinfer.model.batch import ForwardBatch
 from tinyinfer.parallel.errors import ParallelError
@@ -72,7 +73,7 @@ class ParallelModel:
         first stage). Returns a ticket for `collect`; the next pass may start before this one's
         logits are back, since each device runs its commands in order."""
         chunks = batch.chunks
-        paged = batch.paged is not None
+        paged = isinstance(chunks[0].cache, BlockTable)  # the devices build their own PagedBatch
         if paged:
             widest = max(len(chunk.cache.block_ids) for chunk in chunks)
             block_tables = np.full((len(chunks), widest), -1, np.int64)

@@ -44,6 +44,23 @@ class ParallelOptions:
     routing: str = "round_robin"  # how the data-parallel router picks a replica: round_robin, least_tokens
     timeout: float = DEFAULT_TIMEOUT  # seconds a device waits for another inside a command
 
+    def __post_init__(self):
+        """What can be checked without the model, checked even when only one device runs (a
+        setting that would be silently ignored is a mistake too)."""
+        layout = self.layout  # positive integers
+        m = self.micro_batches
+        if m is not None and not (isinstance(m, int) and not isinstance(m, bool) and m >= 1):
+            raise ParallelConfigError(f"micro_batches must be a positive integer, got {m!r}")
+        if self.pp_layers is not None and (not isinstance(self.pp_layers, (list, tuple))
+                                           or len(self.pp_layers) != layout.pp):
+            raise ParallelConfigError(f"pp_layers {self.pp_layers!r} must give the layers of each of the {layout.pp} "
+                                      "stages (pp), e.g. [6, 6] with pp=2")
+        if not (isinstance(self.timeout, (int, float)) and self.timeout > 0):
+            raise ParallelConfigError(f"timeout must be a positive number of seconds, got {self.timeout!r}")
+        if self.routing not in ROUTING:
+            raise ParallelConfigError(f"routing {self.routing!r} is not supported; choose one of {', '.join(ROUTING)}")
+        get_link(self.link)
+
     @property
     def layout(self) -> ParallelLayout:
         return ParallelLayout(self.tp, self.pp, self.dp)
@@ -54,20 +71,13 @@ class ParallelOptions:
 
 
 def check_options(config: ModelConfig, options: ParallelOptions, weight_format: str | None):
-    """Every tp / pp / dp mistake, with what works, before any device starts."""
+    """Every mistake of tp, pp and their layers for this model, with what works, before any
+    device starts (the rest ParallelOptions checks itself)."""
     layout = options.layout
     check_tensor_parallel(config, layout.tp)
     stage_layers(config.num_layers, layout.pp, options.pp_layers)
     if weight_format == "int8":
         check_int8_blocks(config, layout.tp)
-    m = options.micro_batches
-    if m is not None and not (isinstance(m, int) and not isinstance(m, bool) and m >= 1):
-        raise ParallelConfigError(f"micro_batches must be a positive integer, got {m!r}")
-    if not (isinstance(options.timeout, (int, float)) and options.timeout > 0):
-        raise ParallelConfigError(f"timeout must be a positive number of seconds, got {options.timeout!r}")
-    if options.routing not in ROUTING:
-        raise ParallelConfigError(f"routing {options.routing!r} is not supported; choose one of {', '.join(ROUTING)}")
-    get_link(options.link)
 
 
 class CheckpointSource:

@@ -30,6 +30,7 @@ from tinyinfer.parallel.ledger import DeviceLedger
 from tinyinfer.parallel.link import LINKS, Link
 
 BROADCAST_TAG = 30001  # the tag a broadcast's copies travel under
+GATHER_TAG = 30002  # the tag a gather's values travel under
 SPIN_SECONDS = 0.002  # how long a wait polls without sleeping
 # variables that mpiexec (MPICH's hydra, Open MPI, Slurm's PMI) sets in each process it starts
 LAUNCHER_VARIABLES = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK")
@@ -40,11 +41,20 @@ def under_mpiexec() -> bool:
     return any(name in os.environ for name in LAUNCHER_VARIABLES)
 
 
+def launched_rank() -> int:
+    """This process's rank as mpiexec set it in the environment (0 outside mpiexec): known
+    before MPI starts, so a mistake found that early is said by rank 0 alone."""
+    for name in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
+        if name in os.environ:
+            return int(os.environ[name])
+    return 0
+
+
 def import_mpi():
     try:
         from mpi4py import MPI
     except ImportError:
-        if os.environ.get("PMI_RANK", "0") != "0":
+        if launched_rank() != 0:
             sys.exit(2)  # rank 0 says it, once
         raise ParallelConfigError('running over MPI needs mpi4py and an MPI library: pip install "tinyinfer[mpi]" '
                                   "(mpi4py and the MPICH wheel, which brings mpiexec)") from None
@@ -127,8 +137,21 @@ class MPICommunicator(Communicator):
         return value
 
     def gather(self, value, root: int = 0):
+        """Every member's value, as a list in rank order, on root (None elsewhere): each sends
+        its own, root waits for each in turn."""
         arrived = self.clock.pause()
-        values = self.comm.gather(value, root)
+        values = None
+        if self.rank == root:
+            values = []
+            for member in range(self.size):
+                if member == root:
+                    values.append(value)
+                    continue
+                self._wait_for(lambda: self.comm.Iprobe(member, GATHER_TAG), f"a report from rank {self.ranks[member]}")
+                values.append(self.comm.recv(source=member, tag=GATHER_TAG))
+        else:
+            self.pending_sends = [request for request in self.pending_sends if not request.Test()]
+            self.pending_sends.append(self.comm.isend(value, root, GATHER_TAG))
         now = self.clock.now()
         self.record("gather", payload_bytes(value), self.ranks, arrived, arrived, now)
         self.clock.resume(now)

@@ -44,6 +44,7 @@ class DataParallelEngine:
         self.replicas = data_group.size
         self.configure(config or EngineConfig())
         self.next_request_id = 0
+        self.local_ids = {}  # replica 0's engine's request id -> the router's
         self.placement = {}  # request id -> (replica, the replica engine's own id)
         self.sequences = {}  # request id -> Sequence (replica 0) or RemoteSequence (the others)
         self.outstanding = [0] * self.replicas  # tokens each replica still has to serve
@@ -70,6 +71,7 @@ class DataParallelEngine:
         if replica == 0:
             local_id = self.local.add_request(sequence.prompt_ids, params)
             self.sequences[request_id] = self.local.sequences[local_id]
+            self.local_ids[local_id] = request_id
         else:
             local_id = request_id
             self.group.send(("submit", request_id, sequence.prompt_ids, params), replica, REQUESTS)
@@ -88,12 +90,11 @@ class DataParallelEngine:
     def abort(self, request_id: int):
         if request_id not in self.placement:
             return
-        replica, local_id = self.placement.pop(request_id)
+        replica, local_id = self._done(request_id)
         if replica == 0:
             self.local.abort(local_id)
         else:
             self.group.send(("abort", request_id), replica, REQUESTS)
-        self._done(request_id, replica)
 
     def has_unfinished(self) -> bool:
         return bool(self.placement)
@@ -103,15 +104,14 @@ class DataParallelEngine:
         with nothing local to do, wait for them."""
         updates = []
         if self.local.has_unfinished():
-            local_ids = {local: rid for rid, (replica, local) in self.placement.items() if replica == 0}
             for update in self.local.step():
-                if update.request_id in local_ids:
-                    update.request_id = local_ids[update.request_id]
+                if update.request_id in self.local_ids:
+                    update.request_id = self.local_ids[update.request_id]
                     updates.append(update)
         updates += self._receive(wait=not updates and not self.local.has_unfinished() and bool(self.placement))
         for update in updates:
             if update.finished and update.request_id in self.placement:
-                self._done(update.request_id, self.placement.pop(update.request_id)[0])
+                self._done(update.request_id)
         return updates
 
     def _receive(self, wait: bool) -> list[RequestUpdate]:
@@ -133,18 +133,23 @@ class DataParallelEngine:
                 sequence.text += update.new_text or ""
         return updates
 
-    def _done(self, request_id: int, replica: int):
+    def _done(self, request_id: int) -> tuple[int, int]:
+        """Forget a finished or aborted request; (its replica, that replica engine's id)."""
+        replica, local_id = self.placement.pop(request_id)
         self.outstanding[replica] -= self.cost.pop(request_id)
         self.sequences.pop(request_id, None)
+        if replica == 0:
+            del self.local_ids[local_id]
+        return replica, local_id
 
 
 def serve_replica(llm, data_group):
     """The loop of a replica's driver (not the router's): take requests, step the engine, send
     each step's updates back, until the router says stop."""
-    engine = LLMEngine(llm)
-    own_ids = {}  # the router's request id -> this engine's
+    engine = None  # made on the router's first message (its settings), so the KV pool is allocated once
+    own_ids = {}  # this engine's request id -> the router's
     while True:
-        idle = not engine.has_unfinished()
+        idle = engine is None or not engine.has_unfinished()
         while idle or data_group.poll(0, REQUESTS):
             message = data_group.recv(0, REQUESTS, wait_forever=True)
             kind = message[0]
@@ -154,13 +159,14 @@ def serve_replica(llm, data_group):
                 engine = LLMEngine(llm, message[1])
             elif kind == "submit":
                 _, request_id, prompt_ids, params = message
+                engine = engine or LLMEngine(llm)
                 own_ids[engine.add_request(prompt_ids, params)] = request_id
             elif kind == "abort":
                 mine = [own for own, theirs in own_ids.items() if theirs == message[1]]
                 for own in mine:
                     engine.abort(own)
                     del own_ids[own]
-            idle = not engine.has_unfinished()
+            idle = engine is None or not engine.has_unfinished()
         updates = []
         for update in engine.step():
             if update.request_id in own_ids:
