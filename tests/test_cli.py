@@ -99,3 +99,10 @@ def test_chat_answers_each_turn_with_tokens_per_second_and_reuses_the_cache():
 def test_chat_ends_cleanly_on_ctrl_d():
     result = run_chat("Hello\n")
     assert result.returncode == 0 and "Traceback" not in result.stderr
+
+
+def test_bench_plot_draws_the_table(tmp_path, capsys):
+    path = tmp_path / "bench.png"
+    assert main(["bench", "--random", "stories15M", "--backend", "numpy", "-p", "8", "-n", "2", "-r", "1",
+                 "--plot", str(path)]) == 0
+    assert path.read_bytes().startswith(b"\x89PNG") and f"plot: {path}" in capsys.readouterr().out

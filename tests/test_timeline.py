@@ -112,7 +112,7 @@ def test_a_step_has_no_more_micro_batches_than_sequences(pipeline):
 
 # ---- the Gantt chart ----------------------------------------------------------------------------
 def test_the_timeline_is_drawn_as_a_small_png(tmp_path):
-    pytest.importorskip("matplotlib")
+    import matplotlib  # noqa: F401 - in the dev extra: a missing one fails here, not skips
     ledgers = gpipe_ledgers([1e-3, 1e-3], micro_batches=4, tp=2)
     send = dict(bytes=64, participants=(0, 2), modelled_seconds=1e-6, arrived=1e-3, label="step 1, micro-batch 0")
     ledgers[0].transfers.append(Transfer("send", start=1e-3, end=1e-3 + 1e-6, **send))
@@ -126,7 +126,7 @@ def test_the_timeline_is_drawn_as_a_small_png(tmp_path):
 
 # ---- tinyinfer bench --timeline -----------------------------------------------------------------
 def test_bench_timeline_prints_the_bubble_and_writes_the_chart(tiny_model_dir, tmp_path, capsys):
-    pytest.importorskip("matplotlib")
+    import matplotlib  # noqa: F401 - in the dev extra: a missing one fails here, not skips
     path = tmp_path / "pipeline.png"
     assert main(["bench", "--model", str(tiny_model_dir), "--pp", "2", "--micro-batches", "4", "-p", "8", "-n", "2",
                  "-r", "1", "--timeline", str(path)]) == 0

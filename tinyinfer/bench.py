@@ -16,6 +16,7 @@ from tinyinfer.config import ModelConfig
 from tinyinfer.kernels.bandwidth import read_bandwidth
 from tinyinfer.model.batch import ForwardBatch
 from tinyinfer.model.weights import LayerWeights, ModelWeights
+from tinyinfer.plotting import pyplot
 
 # shapes of llama2.c's TinyStories models, for benchmarking without downloading anything
 RANDOM_SHAPES = {
@@ -167,13 +168,7 @@ def run_batch_bench(llm, batch_size: int, prompt_tokens: int = 32, new_tokens: i
 
 def plot_batch_bench(rows: list[dict], path):
     """Throughput against latency, one line per model/backend, each point a batch size (PNG)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise RuntimeError('plotting needs matplotlib: pip install "tinyinfer[plot]"') from None
+    plt = pyplot()
     figure, axes = plt.subplots(figsize=(7, 4.5))
     for label in dict.fromkeys(r["label"] for r in rows):
         points = [r for r in rows if r["label"] == label]
@@ -189,3 +184,23 @@ def plot_batch_bench(rows: list[dict], path):
     axes.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
+
+
+def plot_bench(rows: list[dict], path):
+    """Prefill and decode tokens/s of each (model, backend, weights) row side by side, and
+    decode as a fraction of its memory-bandwidth bound (PNG)."""
+    plt = pyplot()
+    labels = [row["label"] for row in rows]
+    figure, axes = plt.subplots(1, 3, figsize=(11, 0.45 * len(rows) + 1.6), sharey=True)
+    for ax, key, title in zip(axes, ("prefill_tokens_per_s", "decode_tokens_per_s", "decode_fraction_of_bound"),
+                              ("prefill tokens/s", "decode tokens/s", "decode / its bound")):
+        ax.barh(range(len(rows)), [row[key] for row in rows], color="tab:blue" if "prefill" in key else "tab:orange")
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+        if key == "decode_fraction_of_bound":
+            ax.axvline(1.0, color="grey", linewidth=1)
+    axes[0].set_yticks(range(len(rows)), labels, fontsize=8)
+    axes[0].invert_yaxis()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+

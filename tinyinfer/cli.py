@@ -9,7 +9,7 @@ from pathlib import Path
 
 import tinyinfer
 from tinyinfer.batch_file import run_batch_file
-from tinyinfer.bench import RANDOM_SHAPES, plot_batch_bench, random_model, run_batch_bench, run_bench
+from tinyinfer.bench import RANDOM_SHAPES, plot_batch_bench, plot_bench, random_model, run_batch_bench, run_bench
 from tinyinfer.chat import ChatSession
 from tinyinfer.engine import EngineConfig
 from tinyinfer.llm import COMPUTE_DTYPES, LLM
@@ -24,7 +24,8 @@ from tinyinfer.parallel.communicator import DEFAULT_TIMEOUT
 from tinyinfer.parallel.plan import ParallelPlan, format_plan
 from tinyinfer.roofline import ROOFLINES, this_machine
 from tinyinfer.parallel.router import ROUTING
-from tinyinfer.parallel.timeline import draw_prefill_timeline, pyplot
+from tinyinfer.parallel.timeline import draw_prefill_timeline
+from tinyinfer.plotting import pyplot
 from tinyinfer.quantize import WEIGHT_FORMATS, store_weights
 
 
@@ -287,12 +288,16 @@ def cmd_bench(args):
                          "serving a group exit when it closes); run mpiexec once for each")
     if args.batch:
         return cmd_bench_batch(args)
+    if args.plot:
+        pyplot()  # matplotlib is there (or say so before the benchmark runs)
+    rows = []
     for index, (name, weight_format, llm) in enumerate(bench_models(args)):
         if index == 0:  # once a model is loaded: under mpiexec only rank 0 gets here
             print(f"| model | backend | weights | pp{args.prompt_tokens} tok/s | tg{args.new_tokens} tok/s | "
                   "weights read/token | read bandwidth | decode bound tok/s | tg / bound |")
             print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
         r = run_bench(llm, args.prompt_tokens, args.new_tokens, args.repetitions)
+        rows.append(r | {"label": f"{name}, {llm.ops.name}, {weight_format}"})
         print(
             f"| {name} | {llm.ops.name} | {weight_format} | {r['prefill_tokens_per_s']:.1f} | "
             f"{r['decode_tokens_per_s']:.1f} | {r['weight_mb_per_token']:.1f} MB | "
@@ -303,6 +308,9 @@ def cmd_bench(args):
         if args.timeline:
             bubble = draw_prefill_timeline(llm.model, args.prompt_tokens, args.timeline, title=name)
             print(f"pipeline bubble: {bubble.describe()} -> {args.timeline}")
+    if args.plot:
+        plot_bench(rows, args.plot)
+        print(f"plot: {args.plot}")
 
 
 def check_timeline_arguments(args):
@@ -381,7 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("-r", "--repetitions", type=int, default=5)
     bench.add_argument("--batch", help="batch sizes, e.g. 1,4,16,64: serve that many requests at once through the "
                                        "engine (prompts of -p tokens, -n new tokens each) and report throughput")
-    bench.add_argument("--plot", help="with --batch: save throughput against latency as this PNG (needs matplotlib)")
+    bench.add_argument("--plot", help="save the table as a chart, this PNG (needs matplotlib): prefill, decode and "
+                                      "decode / bound per row; with --batch, throughput against latency")
     bench.add_argument("--timeline", metavar="PNG",
                        help="with --pp: then prefill max(micro-batches, pp) prompts of -p tokens once more and draw each "
                             "device's compute and transfers as a Gantt chart (needs matplotlib), with the pipeline bubble")

@@ -22,6 +22,7 @@ import numpy as np
 
 from tinyinfer.model.batch import ForwardBatch
 from tinyinfer.parallel.ledger import ComputeSpan, DeviceLedger
+from tinyinfer.plotting import pyplot
 
 # a compute span's label while a Step runs (worker.py): "step 3" or "step 3, micro-batch 1"
 STEP_LABEL = re.compile(r"step (\d+)(?:, micro-batch (\d+))?$")
@@ -147,18 +148,6 @@ def draw_prefill_timeline(model, prompt_tokens: int, path, title: str = "") -> P
 # ---- the Gantt chart -------------------------------------------------------------------------
 TRANSFER_COLOURS = {"all_reduce": "tab:red", "all_gather": "tab:purple", "broadcast": "tab:gray",
                     "gather": "tab:gray", "barrier": "tab:gray"}
-
-
-def pyplot():
-    """matplotlib.pyplot, drawing to files only; imported when a chart is asked for."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise RuntimeError('drawing the timeline needs matplotlib: pip install "tinyinfer[plot]"') from None
-    return plt
 
 
 def plot_timeline(ledgers: list[DeviceLedger], path, title: str = "", step: int | None = None):
