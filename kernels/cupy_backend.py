@@ -81,6 +81,12 @@ class CupyBackend:
         self.kernels = {}  # "rms_norm_f32" -> the compiled function, fetched on first use
         self.one_block = cp.zeros(1, dtype=cp.int64)  # the block table of a contiguous cache
 
+    def set_threads(self, threads):
+        """The GPU has its own threads: a CPU thread setting changes nothing here."""
+
+    def begin_pass(self):
+        """Nothing to prepare: kernels are launched on the device as the pass runs."""
+
     def _launch(self, name: str, dtype, grid: tuple, block: tuple, args: tuple, shared_mem: int = 0):
         """Run kernel `name` for activations of `dtype`. Sizes go as np.int32 and scalars as
         np.float32, the C types the kernels declare (a bare Python int would be 64 bits)."""

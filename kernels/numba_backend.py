@@ -12,6 +12,7 @@ import sys
 
 import numpy as np
 from numba.core import event
+from tqdm import tqdm
 
 from tinyinfer.ops.numpy_backend import NumpyBackend
 from tinyinfer.quantize import BLOCK, Q8Weight, quantize_q8_0
@@ -33,6 +34,7 @@ class NumbaBackend(NumpyBackend):
     name = "numba"
 
     def __init__(self):
+        super().__init__()
         compile_kernels(self)
 
     # ---- moving arrays -------------------------------------------------------------------
@@ -66,8 +68,9 @@ class NumbaBackend(NumpyBackend):
     def compile_model(self, model):
         """Transformer -> the same model with each layer run as two compiled calls where it can
         (numba_layer.py): calling a layer's 13 kernels from Python made decode 6-17 % slower on
-        the 110M shape. Compiling it for the model's weights is announced like compile_kernels."""
-        with event.install_listener("numba:compile", _CompileNotice()):
+        the 110M shape. Compiling them for the model's weights shows its progress like
+        compile_kernels: a step for each of the two (attention_block, mlp_block)."""
+        with CompileProgress("model layers", steps=2, step_per_function=True):
             return CompiledTransformer(model)
 
     # ---- the ops -------------------------------------------------------------------------
@@ -246,25 +249,68 @@ def _finish(out: np.ndarray, x: np.ndarray, bias) -> np.ndarray:
 
 
 # ---- compiling ---------------------------------------------------------------------------------
-class _CompileNotice(event.Listener):
-    """Says on stderr, once, that Numba is really compiling (loading its cache fires no event)."""
+class CompileProgress(event.Listener):
+    """What Numba is compiling and how far it has got, on stderr, for one phase of `steps`
+    (compile_kernels: each op run once; compile_model: each compiled layer half). A real
+    compile takes seconds per function and 20-60 s in all, so the first one opens a tqdm bar
+    that counts the steps and names the function being compiled; loading from Numba's disk
+    cache fires no compile event, so a warm start prints nothing. The line that says why
+    there is a wait comes once per process, above the first bar, however many phases compile.
 
-    def __init__(self):
-        self.said = False
+    Use it as a context manager around the phase (it listens to Numba's "numba:compile"
+    events while inside); `step()` after each step, or step_per_function=True to count each
+    top-level function compiled as one (the functions it calls are part of its step)."""
 
-    def on_start(self, event):
-        if not self.said:
-            print("tinyinfer: compiling Numba kernels (once; cached for later runs)…", file=sys.stderr, flush=True)
-            self.said = True
+    announced = False  # the line above the first bar: once per process
 
-    def on_end(self, event):
-        pass
+    def __init__(self, what: str, steps: int, step_per_function: bool = False):
+        self.what, self.steps, self.step_per_function = what, steps, step_per_function
+        self.done = 0  # steps finished, shown or not
+        self.depth = 0  # functions being compiled now, each inside the one that called it
+        self.bar = None  # the tqdm bar, from the first compile on
+
+    def __enter__(self):
+        event.register("numba:compile", self)
+        return self
+
+    def __exit__(self, error_type, error, traceback):
+        event.unregister("numba:compile", self)
+        if self.bar is not None:
+            if error_type is None:
+                self.bar.update(self.steps - self.bar.n)  # the phase is done, whatever came from the cache
+            self.bar.close()
+
+    def on_start(self, compile_event):
+        self.depth += 1
+        if self.bar is None:
+            if not CompileProgress.announced:
+                print("tinyinfer: compiling Numba kernels (once; cached for later runs)", file=sys.stderr, flush=True)
+                CompileProgress.announced = True
+            # no rate or time left: steps take from milliseconds to many seconds each
+            self.bar = tqdm(total=self.steps, initial=self.done, desc=self.what, file=sys.stderr, dynamic_ncols=True,
+                            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
+                            mininterval=0)  # steps are rare: show each
+        function = compile_event.data["dispatcher"].py_func
+        # ours, by name: not the helpers Numba compiles for itself, nor the lambdas of an @overload
+        if function.__module__.startswith("tinyinfer") and function.__name__.isidentifier():
+            self.bar.set_postfix_str(function.__name__)
+
+    def on_end(self, compile_event):
+        self.depth -= 1
+        if self.step_per_function and self.depth == 0:
+            self.step()
+
+    def step(self):
+        self.done += 1
+        if self.bar is not None:
+            self.bar.set_postfix_str("", refresh=False)  # until the next compile: this step's are done
+            self.bar.update()
 
 
 def compile_kernels(backend: NumbaBackend):
     """Compile every kernel for float32 and float64, once per process, by running each op on
     tiny read-only inputs. Numba loads them from its disk cache when it can; a real compile
-    (the first run, or after the kernels change) takes a while, so it is announced.
+    (the first run, or after the kernels change) takes a while, so its progress is shown.
 
     Compiling is then switched off. Numba would otherwise compile a new version for any new
     combination of argument types (a writable weight where a read-only one was seen, say),
@@ -273,9 +319,11 @@ def compile_kernels(backend: NumbaBackend):
     global _compiled
     if _compiled:
         return
-    with event.install_listener("numba:compile", _CompileNotice()):
-        for dtype in KERNEL_DTYPES:
-            _run_every_op(backend, dtype)
+    steps = [step for dtype in KERNEL_DTYPES for step in _every_op(backend, dtype)]
+    with CompileProgress("kernels", len(steps)) as progress:
+        for step in steps:
+            step()
+            progress.step()
     for kernel in ENTRY_POINTS:
         kernel.disable_compile()
     _compiled = True
@@ -284,7 +332,10 @@ def compile_kernels(backend: NumbaBackend):
 _compiled = False
 
 
-def _run_every_op(ops: NumbaBackend, dtype):
+def _every_op(ops: NumbaBackend, dtype) -> list:
+    """Calls (functions of no arguments) that run every op once on tiny read-only inputs of
+    `dtype`, in the ways the model calls them: matmul with each kind of weight, for decode
+    (one row) and prefill (many)."""
     def frozen(array, as_type=dtype):
         array = np.array(array, dtype=as_type)  # a contiguous copy
         array.flags.writeable = False
@@ -294,15 +345,18 @@ def _run_every_op(ops: NumbaBackend, dtype):
     x = frozen(rng.standard_normal((kernels.GEMM_MIN_ROWS, BLOCK)))
     w = rng.standard_normal((3, BLOCK))
     q8 = quantize_q8_0(w)
-    for rows in (x[:1], x):  # decode, then prefill
-        for weight in (frozen(w), frozen(w, np.float16), Q8Weight(frozen(q8.values, np.int8), frozen(q8.scales, np.float32))):
-            ops.matmul(rows, weight)
+    weights = (frozen(w), frozen(w, np.float16), Q8Weight(frozen(q8.values, np.int8), frozen(q8.scales, np.float32)))
     q, kv = frozen(rng.standard_normal((2, 4, 2))), frozen(rng.standard_normal((2, 2, 2)))
-    ops.embedding(frozen([0, 2], np.int64), frozen(w))
-    ops.rms_norm(x, frozen(np.ones(BLOCK)), 1e-5)
-    ops.rotary(q, frozen(np.ones((2, 1))), frozen(np.zeros((2, 1))))
-    ops.attention(q, kv, kv, 0)
     pool = frozen(rng.standard_normal((3, 2, 2, 2)))
-    ops.paged_attention(q, pool, pool, frozen([[2, 0]], np.int64), frozen([0, 2], np.int64), frozen([1], np.int64))
-    ops.silu_mul(x, x)
-    ops.softmax(x)
+    matmuls = [lambda rows=rows, weight=weight: ops.matmul(rows, weight)
+               for rows in (x[:1], x) for weight in weights]  # decode, then prefill
+    return matmuls + [
+        lambda: ops.embedding(frozen([0, 2], np.int64), frozen(w)),
+        lambda: ops.rms_norm(x, frozen(np.ones(BLOCK)), 1e-5),
+        lambda: ops.rotary(q, frozen(np.ones((2, 1))), frozen(np.zeros((2, 1)))),
+        lambda: ops.attention(q, kv, kv, 0),
+        lambda: ops.paged_attention(q, pool, pool, frozen([[2, 0]], np.int64), frozen([0, 2], np.int64),
+                                    frozen([1], np.int64)),
+        lambda: ops.silu_mul(x, x),
+        lambda: ops.softmax(x),
+    ]

@@ -34,7 +34,7 @@ def test_results_come_in_input_order_and_bad_lines_are_reported_without_losing_t
     records = read_records(out)
     assert [r["line"] for r in records] == [1, 2, 3, 4, 5, 7]
     assert "not valid JSON" in records[1]["error"]
-    assert "temperature must be >= 0" in records[3]["error"] and "unknown keys ['colour']" in records[4]["error"]
+    assert "temperature: must be >= 0" in records[3]["error"] and "unknown keys ['colour']" in records[4]["error"]
     err = capsys.readouterr().err
     assert "line 2: not valid JSON" in err and "line 4: temperature" in err
 

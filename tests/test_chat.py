@@ -65,9 +65,9 @@ def test_plain_continuation_without_a_template_keeps_the_running_text(tmp_path):
     assert session.reused_tokens == block_size * (first.num_tokens // block_size)
 
 
-def test_a_conversation_past_the_context_says_to_reset(llm):
+def test_a_message_too_long_for_the_context_alone_says_to_shorten_it(llm):
     session = ChatSession(llm)
-    with pytest.raises(tinyinfer.ContextLengthError, match="/reset"):
+    with pytest.raises(tinyinfer.ContextLengthError, match="context window is 128 tokens .*; shorten it"):
         "".join(session.send("word " * 200, GREEDY))
 
 

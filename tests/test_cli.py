@@ -34,9 +34,12 @@ def test_same_seed_same_text_from_the_command_line(capsys):
 
 
 def test_impossible_setting_is_an_error_message_not_a_traceback(capsys):
-    assert main(["generate", "--model", LLAMA, "--top-p", "1.5", "hi"]) == 2
+    with pytest.raises(SystemExit) as exit:  # argparse refuses it, before the model loads
+        main(["generate", "--model", LLAMA, "--top-p", "1.5", "hi"])
+    assert exit.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("tinyinfer: error: top_p must be in (0, 1]") and "Traceback" not in err
+    assert err.startswith("tinyinfer generate: error: argument --top-p: expected a number above 0 and at most 1")
+    assert "Traceback" not in err
 
 
 def test_bad_model_path_is_an_error_message(tmp_path, capsys):

@@ -17,7 +17,7 @@ from test_hf_parity import golden
 from tinyinfer.kernels import numba_kernels, simd
 from tinyinfer.kernels import huge_pages
 from tinyinfer.kernels.huge_pages import ALIGNMENT, HugePageArena
-from tinyinfer.kernels.numba_backend import _CompileNotice
+from tinyinfer.kernels.numba_backend import CompileProgress
 from tinyinfer.ops import get_backend
 from tinyinfer.quantize import BLOCK, Q8Weight, dequantize, quantize_q8_0, store_weights
 
@@ -284,14 +284,20 @@ def test_the_kernels_cache_is_tied_to_simd_py():
         "or Numba's cache serves the kernels compiled with the old simd.py")
 
 
-def test_the_compile_notice_is_one_line_however_many_functions_compile(capsys):
+def test_the_compile_notice_comes_once_however_many_functions_and_phases_compile(capsys, monkeypatch):
     from numba import njit
-    from numba.core import event
 
-    with event.install_listener("numba:compile", _CompileNotice()):
+    monkeypatch.setattr(CompileProgress, "announced", False)
+    with CompileProgress("kernels", 2) as progress:
         njit(lambda a: a + 1)(1)
+        progress.step()
         njit(lambda a: a * 2)(1.0)
-    assert capsys.readouterr().err.count("\n") == 1
+        progress.step()
+    with CompileProgress("model layers", 1, step_per_function=True):
+        njit(lambda a: a - 1)(1)
+    err = capsys.readouterr().err
+    assert err.count("compiling Numba kernels") == 1
+    assert "kernels: 100%" in err and "model layers: 100%" in err and "Traceback" not in err
 
 
 # ---- loading weights ----------------------------------------------------------------------------

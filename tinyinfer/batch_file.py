@@ -21,9 +21,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 from tinyinfer.errors import TokenizerMissingError
-from tinyinfer.sampling import SamplingParams
+from tinyinfer.sampling import SamplingParams, is_integer, is_number, setting_problem
 
 SAMPLING_KEYS = {f.name for f in dataclasses.fields(SamplingParams)}
+REQUEST_KEYS = {"prompt", "messages", "id"}
+ROLES = ("system", "user", "assistant")
 
 
 def read_results(path: Path) -> dict[int, dict]:
@@ -43,31 +45,87 @@ def read_results(path: Path) -> dict[int, dict]:
 
 
 def parse_request(llm, text: str, defaults: dict) -> tuple[list[int], SamplingParams, object]:
-    """One input line -> (prompt ids, sampling params, id); ValueError says what is wrong."""
+    """One input line -> (prompt ids, sampling params, id). A ValueError says what is wrong, field
+    by field: 'max_tokens: must be an integer >= 1, got "ten"'.
+    Every field is checked here, before anything is tokenized or queued, so that no value of
+    the wrong type reaches the engine (and a bad line never takes the run down)."""
     try:
         request = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(request, dict):
-        raise ValueError("each line must be a JSON object")
-    unknown = set(request) - SAMPLING_KEYS - {"prompt", "messages", "id"}
+        raise ValueError(f"each line must be a JSON object {{...}}, got {shown(request)}")
+    unknown = set(request) - SAMPLING_KEYS - REQUEST_KEYS
     if unknown:
         raise ValueError(f"unknown keys {sorted(unknown)}; use prompt or messages, id, and SamplingParams settings")
     if ("prompt" in request) == ("messages" in request):
         raise ValueError('give exactly one of "prompt" (text) or "messages" (a chat)')
+    problems = [f"{name}: {problem}, got {shown(value)}" for name, value in request.items()
+                if name in SAMPLING_KEYS and (problem := setting_problem(name, value))]
+    if "id" in request and not (request["id"] is None or isinstance(request["id"], str) or is_number(request["id"])):
+        problems.append(f"id: must be a string or a number, got {shown(request['id'])}")
+    problems += prompt_problems(request["prompt"]) if "prompt" in request else messages_problems(request["messages"])
+    if problems:
+        raise ValueError("; ".join(problems))
+
     if "messages" in request:
         if llm.tokenizer is None or llm.tokenizer.chat_template is None:
             raise ValueError('"messages" needs a model with a chat template; give a "prompt" instead')
-        text = llm.tokenizer.chat_template.render(request["messages"], add_generation_prompt=True)
+        try:
+            text = llm.tokenizer.chat_template.render(request["messages"], add_generation_prompt=True)
+        except ValueError as e:
+            raise ValueError(f"messages: {e}") from None
         prompt_ids = llm.encode(text, add_special_tokens=False)
     else:
+        if isinstance(request["prompt"], str) and llm.tokenizer is None:
+            raise ValueError("prompt: text needs a tokenizer, and this model has none; load it with its tokenizer "
+                             '(--tokenizer) or give token ids: "prompt": [1, 2, 3]')
         prompt_ids = llm.prompt_ids(request["prompt"])
     settings = defaults | {k: v for k, v in request.items() if k in SAMPLING_KEYS}
     try:
         params = SamplingParams(**settings)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise ValueError(f"bad sampling settings: {e}") from None
     return prompt_ids, params, request.get("id")
+
+
+def prompt_problems(prompt) -> list[str]:
+    """What is wrong with a line's "prompt": text, or a list of token ids."""
+    if isinstance(prompt, str):
+        return [] if prompt else ["prompt: must not be empty"]
+    if isinstance(prompt, list) and all(is_integer(t) for t in prompt):
+        return [] if prompt else ["prompt: must not be empty (give at least one token id)"]
+    return [f"prompt: must be text (a string) or a list of token ids (integers), got {shown(prompt)}"]
+
+
+def messages_problems(messages) -> list[str]:
+    """What is wrong with a line's "messages": a non-empty list of {"role", "content"} objects."""
+    if not isinstance(messages, list) or not messages:
+        return [f'messages: must be a non-empty list of {{"role": ..., "content": ...}} objects, got {shown(messages)}']
+    problems = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            problems.append(f'{where}: must be an object {{"role": ..., "content": ...}}, got {shown(message)}')
+            continue
+        missing = [key for key in ("role", "content") if key not in message]
+        extra = sorted(set(message) - {"role", "content"})
+        if missing or extra:
+            problems.append(f"{where}: " + "; ".join(
+                ([f"missing {' and '.join(missing)}"] if missing else []) + ([f"unknown keys {extra}"] if extra else [])
+            ) + ' (each message is {"role": ..., "content": ...})')
+            continue
+        if message["role"] not in ROLES:
+            problems.append(f"{where}.role: must be one of {', '.join(ROLES)}, got {shown(message['role'])}")
+        if not isinstance(message["content"], str):
+            problems.append(f"{where}.content: must be a string, got {shown(message['content'])}")
+    return problems
+
+
+def shown(value, limit: int = 60) -> str:
+    """A value as it was written in the line (JSON), cut short if long."""
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def run_batch_file(llm, input_path: Path, output_path: Path, defaults: dict, progress: bool = True) -> dict:
@@ -83,7 +141,7 @@ def run_batch_file(llm, input_path: Path, output_path: Path, defaults: dict, pro
         try:
             prompt_ids, params, request_id = parse_request(llm, text, defaults)
             pending[engine.add_request(prompt_ids, params)] = (number, request_id)
-        except (ValueError, TokenizerMissingError) as e:
+        except (ValueError, TypeError, TokenizerMissingError) as e:  # this line only: the others still run
             errors[number] = {"line": number, "error": str(e)}
 
     finished = dict(errors)  # line -> record, waiting to be written in order
@@ -120,6 +178,7 @@ def result_record(line: int, request_id, output, has_text: bool) -> dict:
     return record | {
         "token_ids": output.token_ids,
         "finish_reason": output.finish_reason,
+        "cut_by_context": output.cut_by_context,  # "length" from a full context window, not max_tokens
         "prompt_tokens": len(output.prompt_token_ids),
         "time_to_first_token": output.time_to_first_token,
         "time_per_output_token": output.time_per_output_token,

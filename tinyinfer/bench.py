@@ -4,11 +4,15 @@ pp128: one forward pass over a 128-token prompt. tg128: 128 decode steps of one 
 against a growing KV cache. Each is run several times and the median is reported, because a
 shared machine is noisy. Decode reads every weight once per token, so its speed limit is
 memory read bandwidth: we measure it in the same run, with every core reading
-(kernels/bandwidth.py), and report decode as a fraction of that bound.
+(kernels/bandwidth.py), and report decode as a fraction of that bound. The bound assumes the
+weights come from memory (DRAM): where they fit in the last-level cache, decode reads them from
+there and can pass it, and the table says so (last_level_cache, bound_cells).
 """
 
+import re
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -114,7 +118,9 @@ def decode_side_by_side(llms: dict, rounds: int, new_tokens: int = 64) -> dict:
 
 
 def run_bench(llm, prompt_tokens: int = 128, new_tokens: int = 128, repetitions: int = 5) -> dict:
-    """Median tokens/s for pp<prompt_tokens> and tg<new_tokens>, and the decode bound."""
+    """Median tokens/s for pp<prompt_tokens> and tg<new_tokens>, and the decode bound, with
+    the share of the weights read per token that the last-level cache can hold (cached_share:
+    1 when they all fit; 0 where the cache's size is unknown)."""
     rng = np.random.default_rng(0)
     time_prefill(llm, min(prompt_tokens, 8), rng)  # warm-up: first-touch of the weights
     prefill = [prompt_tokens / time_prefill(llm, prompt_tokens, rng) for _ in range(repetitions)]
@@ -122,6 +128,7 @@ def run_bench(llm, prompt_tokens: int = 128, new_tokens: int = 128, repetitions:
     bandwidth = read_bandwidth()
     bytes_per_token = decode_bytes_per_token(llm)
     bound = bandwidth / bytes_per_token
+    cache = last_level_cache() if llm.ops.name in CPU_BACKENDS else None  # a GPU's own caches are not the CPU's
     return {
         "prefill_tokens_per_s": statistics.median(prefill),
         "decode_tokens_per_s": statistics.median(decode),
@@ -129,7 +136,51 @@ def run_bench(llm, prompt_tokens: int = 128, new_tokens: int = 128, repetitions:
         "weight_mb_per_token": bytes_per_token / 1e6,
         "decode_bound_tokens_per_s": bound,
         "decode_fraction_of_bound": statistics.median(decode) / bound,
+        "last_level_cache": cache,
+        "cached_share": min(1.0, cache[1] / bytes_per_token) if cache else 0.0,
     }
+
+
+CPU_BACKENDS = ("numpy", "numba")  # whose weights go through the CPU's caches
+
+
+def last_level_cache(cpus: Path = Path("/sys/devices/system/cpu")) -> tuple[int, int] | None:
+    """(level, bytes) of the machine's last-level cache, read from Linux's sysfs: the highest
+    level of data or unified cache, summed over its instances (two sockets, or a chip of
+    several core complexes, have an L3 each, and decode's threads each read their share of
+    the weights through their own). None where sysfs does not say (another OS)."""
+    instances = {}  # (level, the cpus sharing it) -> bytes
+    for index in cpus.glob("cpu[0-9]*/cache/index[0-9]*"):
+        try:
+            kind, level = (index / "type").read_text().strip(), int((index / "level").read_text())
+            size, shared = (index / "size").read_text().strip(), (index / "shared_cpu_list").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        number = re.fullmatch(r"(\d+)([KMG]?)", size)  # "32768K"
+        if kind in ("Data", "Unified") and number:
+            instances[level, shared] = int(number[1]) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[number[2]]
+    if not instances:
+        return None
+    top = max(level for level, _ in instances)
+    return top, sum(size for (level, _), size in instances.items() if level == top)
+
+
+def bound_cells(result: dict) -> tuple[str, str]:
+    """The bench table's "decode bound tok/s" and "tg / bound" cells of one run_bench result.
+    Weights that fit in the last-level cache are not read from memory at all: there is no
+    memory bound to show. When at least half of them fit, part of each token is read from the
+    cache and decode can pass the bound: it is marked (see CACHE_FOOTNOTE)."""
+    bound, fraction, share = (result["decode_bound_tokens_per_s"], result["decode_fraction_of_bound"],
+                              result["cached_share"])
+    if share >= 1:
+        level, size = result["last_level_cache"]
+        return f"n/a: fits in L{level} ({size / 2**20:.0f} MiB)", "n/a"
+    mark = " *" if share >= 0.5 else ""
+    return f"{bound:.1f}{mark}", f"{fraction:.0%}{mark}"
+
+
+CACHE_FOOTNOTE = ("* at least half of the weights read per token fit in the last-level cache: part of each token is "
+                  "read from the cache, not memory, so decode can pass this memory bound")
 
 
 def run_batch_bench(llm, batch_size: int, prompt_tokens: int = 32, new_tokens: int = 64) -> dict:
@@ -194,7 +245,10 @@ def plot_bench(rows: list[dict], path):
     figure, axes = plt.subplots(1, 3, figsize=(11, 0.45 * len(rows) + 1.6), sharey=True)
     for ax, key, title in zip(axes, ("prefill_tokens_per_s", "decode_tokens_per_s", "decode_fraction_of_bound"),
                               ("prefill tokens/s", "decode tokens/s", "decode / its bound")):
-        ax.barh(range(len(rows)), [row[key] for row in rows], color="tab:blue" if "prefill" in key else "tab:orange")
+        # no memory bound for weights that fit in the cache: no bar
+        values = [float("nan") if key == "decode_fraction_of_bound" and row.get("cached_share", 0) >= 1 else row[key]
+                  for row in rows]
+        ax.barh(range(len(rows)), values, color="tab:blue" if "prefill" in key else "tab:orange")
         ax.set_title(title, fontsize=10)
         ax.grid(axis="x", alpha=0.3)
         if key == "decode_fraction_of_bound":

@@ -13,6 +13,7 @@ class GenerationOutput:
     time_to_first_token: float | None  # seconds from the request to its first token (prefill)
     time_per_output_token: float | None  # mean seconds between later tokens (decode)
     total_time: float
+    cut_by_context: bool = False  # finish_reason "length" because the context window filled up, not max_tokens
     _text: str | None = field(default=None, repr=False)
 
     @property

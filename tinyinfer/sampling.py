@@ -6,7 +6,10 @@ is left. Each request owns a random generator seeded from its `seed`, so the sam
 the same text whatever else is running.
 """
 
-from dataclasses import dataclass, field
+import math
+import reprlib
+from dataclasses import dataclass, field, fields
+from numbers import Integral, Real
 
 import numpy as np
 
@@ -25,24 +28,105 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        checks = [
-            (self.temperature >= 0, f"temperature must be >= 0 (0 is greedy), got {self.temperature}"),
-            (self.top_k >= 0, f"top_k must be >= 0 (0 disables it), got {self.top_k}"),
-            (0 < self.top_p <= 1, f"top_p must be in (0, 1] (1 disables it), got {self.top_p}"),
-            (0 <= self.min_p <= 1, f"min_p must be in [0, 1] (0 disables it), got {self.min_p}"),
-            (self.repetition_penalty > 0, f"repetition_penalty must be > 0 (1 disables it), got {self.repetition_penalty}"),
-            (self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
-            (all(self.stop), "stop strings must not be empty"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        self.check()
+
+    def check(self):
+        """Refuse a setting of the wrong type or out of range, naming it: "top_p must be in
+        (0, 1] (1 disables it), got 1.5". Numbers are stored as Python ints and floats, and a
+        single stop string as a list of one (as OpenAI's API takes it)."""
+        for setting in fields(self):
+            value = getattr(self, setting.name)
+            problem = setting_problem(setting.name, value)
+            if problem:
+                raise ValueError(f"{setting.name} {problem}, got {reprlib.repr(value)}")
+            setattr(self, setting.name, normalized(setting.name, value))
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+# setting: (whether a value of the right kind is in range, the range in words)
+NUMBER_RULES = {
+    "temperature": (lambda v: v >= 0, ">= 0 (0 is greedy)"),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1] (1 disables it)"),
+    "min_p": (lambda v: 0 <= v <= 1, "in [0, 1] (0 disables it)"),
+    "repetition_penalty": (lambda v: v > 0, "> 0 (1 disables it)"),
+}
+INTEGER_RULES = {
+    "top_k": (lambda v: v >= 0, ">= 0 (0 disables it)"),
+    "max_tokens": (lambda v: v >= 1, ">= 1"),
+    "seed": (lambda v: v >= 0, ">= 0"),
+}
+
+
+def is_integer(value) -> bool:
+    """An int or NumPy integer; True and False are not numbers here."""
+    return isinstance(value, Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def is_number(value) -> bool:
+    """A finite int or float (NumPy's too), not a bool."""
+    return isinstance(value, Real) and not isinstance(value, (bool, np.bool_)) and math.isfinite(value)
+
+
+def setting_problem(name: str, value) -> str | None:
+    """What is wrong with `value` for the SamplingParams setting `name` ("must be ..."), or
+    None when it is allowed. The one place the rules live: SamplingParams and the batch file's
+    lines (tinyinfer/batch_file.py) both ask here."""
+    if name in NUMBER_RULES:
+        allowed, words = NUMBER_RULES[name]
+        if not is_number(value):
+            return f"must be a {'finite ' if isinstance(value, (float, np.floating)) else ''}number {words}"
+        return None if allowed(value) else f"must be {words}"
+    if name == "seed" and value is None:
+        return None  # a fresh random seed
+    if name in INTEGER_RULES:
+        allowed, words = INTEGER_RULES[name]
+        unset = ", or unset (None) for a random seed" if name == "seed" else ""
+        if not is_integer(value):
+            return f"must be an integer {words}{unset}"
+        return None if allowed(value) else f"must be {words}{unset}"
+    if name == "stop":
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(s, str) for s in value):
+            return "must be a list of strings (or one string)"
+        return None if all(value) else "strings must not be empty"
+    if name == "stop_token_ids":
+        if not isinstance(value, (list, tuple)) or not all(is_integer(t) and t >= 0 for t in value):
+            return "must be a list of token ids (integers >= 0)"
+        return None
+    if name == "ignore_eos":
+        return None if isinstance(value, (bool, np.bool_)) else "must be a boolean (true or false)"
+    raise KeyError(f"SamplingParams has no setting {name!r}")
+
+
+def normalized(name: str, value):
+    """A checked setting as plain Python values (JSON-ready, as the batch file writes them)."""
+    if name in NUMBER_RULES:
+        return float(value)
+    if name in INTEGER_RULES:
+        return None if value is None else int(value)
+    if name == "stop":
+        return [value] if isinstance(value, str) else list(value)
+    if name == "stop_token_ids":
+        return [int(t) for t in value]
+    return bool(value)
+
+
+def as_sampling_params(params) -> "SamplingParams":
+    """The params argument of generate, stream and add_request: a SamplingParams (checked
+    again, in case a field was changed after it was made), or None for the defaults."""
+    if params is None:
+        return SamplingParams()
+    if isinstance(params, dict):
+        raise TypeError("params must be a SamplingParams, not a dict; pass SamplingParams(**settings)")
+    if not isinstance(params, SamplingParams):
+        raise TypeError(f"params must be a SamplingParams (tinyinfer.SamplingParams(...)), "
+                        f"got {type(params).__name__}")
+    params.check()
+    return params
 
 
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, seen_ids) -> int:

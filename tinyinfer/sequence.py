@@ -38,6 +38,12 @@ class Sequence:
         return self.finish_reason is not None
 
     @property
+    def cut_by_context(self) -> bool:
+        """Whether the context window ended the output: finish_reason "length" with fewer than
+        max_tokens generated, because prompt and output filled max_context."""
+        return self.finish_reason == "length" and len(self.output_ids) < self.params.max_tokens
+
+    @property
     def token_ids(self) -> list[int]:
         """Every token so far: the prompt, then the output."""
         return self.prompt_ids + self.output_ids
@@ -102,5 +108,6 @@ class Sequence:
             time_to_first_token=first,
             time_per_output_token=float(gaps.mean()) if gaps.size else None,
             total_time=(self.token_times[-1] - self.start_time) if self.token_times else 0.0,
+            cut_by_context=self.cut_by_context,
             _text=self.text if has_tokenizer else None,
         )

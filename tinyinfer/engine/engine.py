@@ -25,7 +25,7 @@ from tinyinfer.errors import KVCacheTooSmallError
 from tinyinfer.interrupts import defer_interrupts
 from tinyinfer.model.batch import ForwardBatch
 from tinyinfer.outputs import GenerationOutput
-from tinyinfer.sampling import SamplingParams, sample
+from tinyinfer.sampling import SamplingParams, as_sampling_params, sample
 from tinyinfer.sequence import Sequence
 
 
@@ -98,7 +98,7 @@ class LLMEngine:
     # ---- requests ------------------------------------------------------------------------
     def add_request(self, prompt, params: SamplingParams | None = None) -> int:
         """Queue a prompt (text or token ids); returns its request id."""
-        params = params or SamplingParams()
+        params = as_sampling_params(params)  # a dict or a changed field is refused here, not mid-step
         sequence = self.llm.new_sequence(prompt, params, BlockTable(self.pool))
         self.check_fits(sequence.num_tokens, params)
         request_id = self.next_request_id

@@ -70,6 +70,7 @@ class Transformer:
         each sequence (what generation needs), or [tokens, vocab] for every token when
         all_logits is set (what scoring and perplexity need).
         """
+        self.ops.begin_pass()  # the backend sizes its thread team to the cores free now
         x = self.embed(batch)
         x = self.run_layers(x, batch)
         return self.head(x, batch, all_logits)

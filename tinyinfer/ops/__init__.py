@@ -4,8 +4,10 @@ A backend is an object with the ops of `NumpyBackend` (the reference, and the te
 embedding, matmul (float, float16-stored or int8 `Q8Weight` weights), rms_norm, rotary,
 attention, silu_mul, softmax, plus `to_device` / `to_numpy` / `zeros`, `load_weights`
 (the whole model's weights onto the device; the Numba backend copies them into huge pages)
-and `compile_model` (the backend's way of running the whole model; the Numba backend runs
-each layer as one compiled call, the others run it op by op as written).
+`compile_model` (the backend's way of running the whole model; the Numba backend runs each
+layer as compiled calls, the others run it op by op as written), and `set_threads` /
+`begin_pass` (how many CPU threads the kernels use, sized before each forward pass:
+tinyinfer/threads.py).
 Choosing one is a single argument: `get_backend("numba")`. The fast backends live in
 `kernels/` (installed as `tinyinfer.kernels`) and are imported only when chosen, so CuPy is
 needed only for "cupy".

@@ -130,6 +130,12 @@ class CostCounter:
     def compile_model(self, model):
         return model  # op by op, so that every op is counted
 
+    def set_threads(self, threads):
+        self.backend.set_threads(threads)
+
+    def begin_pass(self):
+        self.backend.begin_pass()
+
     def to_numpy(self, array):
         return self.backend.to_numpy(array)
 

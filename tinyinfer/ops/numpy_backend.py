@@ -17,12 +17,26 @@ import math
 import numpy as np
 
 from tinyinfer.quantize import Q8Weight, dequantize
+from tinyinfer.threads import ThreadBudget
 
 
 class NumpyBackend:
     """The reference implementation of the op interface (see `tinyinfer.ops`)."""
 
     name = "numpy"
+
+    def __init__(self):
+        self.set_threads("auto")
+
+    # ---- threads ---------------------------------------------------------------------------
+    def set_threads(self, threads: int | str):
+        """How many threads the kernels use: a number, or "auto" (the cores other programs
+        leave free, looked at again before each pass: see tinyinfer/threads.py)."""
+        self.threads = ThreadBudget(threads, numba=self.name == "numba")
+
+    def begin_pass(self):
+        """Called at the start of each forward pass: size the thread team for now."""
+        self.threads.begin_pass()
 
     # ---- moving arrays -------------------------------------------------------------------
     def to_device(self, array, dtype=None):

@@ -31,6 +31,7 @@ from tinyinfer.parallel.sharding import ShardPlan, check_int8_blocks, check_tens
 from tinyinfer.parallel.simulated import SimulatedWorld
 from tinyinfer.parallel.worker import Worker, serve
 from tinyinfer.quantize import store_weights
+from tinyinfer.threads import check_threads
 
 
 @dataclass
@@ -43,6 +44,7 @@ class ParallelOptions:
     link: str = "nvlink"  # the link model of a simulated group: nvlink, pcie, ethernet
     routing: str = "round_robin"  # how the data-parallel router picks a replica: round_robin, least_tokens
     timeout: float = DEFAULT_TIMEOUT  # seconds a device waits for another inside a command
+    threads: int | str = "auto"  # each device's CPU threads (tinyinfer/threads.py)
 
     def __post_init__(self):
         """What can be checked without the model, checked even when only one device runs (a
@@ -60,6 +62,7 @@ class ParallelOptions:
         if self.routing not in ROUTING:
             raise ParallelConfigError(f"routing {self.routing!r} is not supported; choose one of {', '.join(ROUTING)}")
         get_link(self.link)
+        check_threads(self.threads)
 
     @property
     def layout(self) -> ParallelLayout:
@@ -229,6 +232,7 @@ def _build_device(source, options: ParallelOptions, rank: int, communicator, bac
     if rank != 0:  # device 0 compiles the backend's kernels first (Numba), the others then find them cached
         everyone.barrier(wait_forever=True)
     ops = get_backend(backend)
+    ops.set_threads(options.threads)
     model = ops.compile_model(Transformer(plan.local_config(), ops.load_weights(weights), ops, dtype, tensor,
                                           plan.vocab.start))
     if rank == 0:

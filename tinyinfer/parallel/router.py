@@ -28,6 +28,7 @@ class RemoteSequence:
     def __init__(self, prompt_ids: list[int]):
         self.prompt_ids, self.output_ids, self.text = list(prompt_ids), [], ""
         self.num_cached_tokens = 0
+        self.cut_by_context = False  # set from the replica's final output
 
     @property
     def token_ids(self) -> list[int]:
@@ -131,6 +132,8 @@ class DataParallelEngine:
             if isinstance(sequence, RemoteSequence):
                 sequence.output_ids += update.new_token_ids
                 sequence.text += update.new_text or ""
+                if update.output is not None:
+                    sequence.cut_by_context = update.output.cut_by_context
         return updates
 
     def _done(self, request_id: int) -> tuple[int, int]:

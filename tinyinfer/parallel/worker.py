@@ -129,6 +129,7 @@ class Worker:
         """This device's part of one forward pass. The last stage's logits ([rows, vocab]) go
         to the driver: returned, if the driver is that stage, or sent to it."""
         plan, model, pipeline = self.plan, self.model, self.pipeline
+        model.ops.begin_pass()
         caches = self._caches(step)
         bounds = np.concatenate([[0], np.cumsum(step.num_new)])
         logits = []
