@@ -9,7 +9,9 @@ Python loop that never sleeps), for each backend and batch size: batch 1 is
 tinyinfer.bench.time_decode (one token at a time against a KV cache), batch 16 is
 run_batch_bench's output tokens/s (16 requests through the engine). The table gives the median
 over rounds and each loaded figure as a share of the quiet one. On 2 cores, one busy process
-leaves a fair share of 50 %.
+leaves a fair share of 50 %. Each phase starts with two short unmeasured passes a quarter
+second apart, so that the default "auto" thread count has seen the machine as it now is
+(tinyinfer/threads.py looks again every quarter second, over the time since it last looked).
 """
 
 import argparse
@@ -24,6 +26,7 @@ import numpy as np
 from tinyinfer.bench import random_model, run_batch_bench, time_decode
 from tinyinfer.llm import LLM
 from tinyinfer.ops import get_backend
+from tinyinfer import threads
 from tinyinfer.quantize import store_weights
 
 BUSY = "while True: pass"
@@ -52,8 +55,8 @@ def main():
 
     config, weights = random_model(args.shape)
     stored = store_weights(weights, args.weights)
-    threads = args.threads if args.threads == "auto" else int(args.threads)
-    llms = {name: LLM(config, stored, None, get_backend(name), np.float32, Path(args.shape), threads=threads)
+    setting = args.threads if args.threads == "auto" else int(args.threads)
+    llms = {name: LLM(config, stored, None, get_backend(name), np.float32, Path(args.shape), threads=setting)
             for name in args.backends.split(",")}
     batches = [int(b) for b in args.batches.split(",")]
     for llm in llms.values():  # warm-up: compiled code, first touch of the weights
@@ -65,6 +68,10 @@ def main():
             others = busy_processes(busy)
             time.sleep(0.5)  # let them start spinning
             try:
+                for llm in llms.values():  # steady state: "auto" has looked at the machine as it is now
+                    measure(llm, 1, 2)
+                    time.sleep(threads.SAMPLE_SECONDS)
+                    measure(llm, 1, 2)
                 for name, llm in llms.items():
                     for batch in batches:
                         speeds[(name, batch, busy)].append(measure(llm, batch, args.new_tokens))

@@ -9,8 +9,10 @@ with one busy process, decode fell to 4-20 % of its quiet speed that way (benchm
 well below the 50 % fair share that one thread alone would get.
 
 So by default ("auto") the team is sized before each forward pass to the cores that other
-programs leave free: the cores' busy time over the last quarter second (/proc/stat) minus this
-process's own, never fewer than one thread. A fixed number (`threads=2`, `--threads 2`) turns
+programs leave free: the cores' busy time (/proc/stat) minus this process's own, since it last
+looked, at most every quarter second of passes; never fewer than one thread. So it follows a
+change of load within a quarter second of work (after an idle spell, the first passes see the
+average over the spell). A fixed number (`threads=2`, `--threads 2`) turns
 that off. On systems without /proc/stat, "auto" uses every core.
 """
 
@@ -43,15 +45,15 @@ class ThreadBudget:
         self.setting = check_threads(threads)
         self.numba = numba  # size Numba's team too (set per calling thread), besides BLAS's
         self.cores = available_cores()
-        self.current = None  # the count last applied
+        self.current = None  # the count last applied (None before the first pass)
         self.sample = _machine_sample()  # (wall, all cores' busy seconds, this process's CPU seconds)
         self.blas = None  # threadpoolctl's controller, made on first use
 
     def begin_pass(self):
-        """Before a forward pass: apply the thread count for now."""
-        wanted = self.setting if self.setting != "auto" else self._free_cores()
-        if wanted != self.current:
-            self._apply(wanted)
+        """Before a forward pass: apply the thread count for now. Applied every time (a few
+        microseconds): BLAS's count is the process's, which another model's budget may have
+        changed, and Numba's is the calling thread's."""
+        self._apply(self.setting if self.setting != "auto" else self._free_cores())
 
     def _free_cores(self) -> int:
         """The cores other programs left free over the last sample, rounded, at least one."""
