@@ -1,11 +1,14 @@
 """Numba CPU kernels: the ops of `tinyinfer/ops/numpy_backend.py` as compiled loops.
 
 Each kernel writes into an output array the backend allocates, and works on float32 or
-float64 (Numba has no float16 arithmetic; the backend leaves float16 to NumPy). Two habits
+float64 (Numba has no float16 arithmetic; the backend leaves float16 to NumPy). Three habits
 run through the file:
 - `acc = np.float32(0)`: Numba gives a variable one type, unifying everything assigned to
   it, so this sum is float32 when the inputs are float32 and float64 when they are float64;
-- `fastmath=FASTMATH` on loops that add up a sum, so LLVM may vectorise it.
+- `fastmath=FASTMATH` on loops that add up a sum, so LLVM may vectorise it;
+- `nogil=True`: a kernel touches no Python object, so it lets go of the GIL while it runs
+  and other Python threads go on meanwhile (the server's event loop beside its engine
+  thread, tinyinfer/server/engine_loop.py), as NumPy's own loops do.
 
 The matrix product has two shapes. Decode (a few token rows) reads every weight once per
 step and is bound by memory bandwidth: the `matvec*` kernels stream each weight row once,
@@ -93,7 +96,7 @@ def _prefetch(typingctx, array, row, column):
     return types.void(array, row, column), codegen
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def _prefetch_ahead(w, row):
     """Request, one cache line at a time, the weight row about PREFETCH_BYTES after row `row`.
 
@@ -108,7 +111,7 @@ def _prefetch_ahead(w, row):
             _prefetch(w, ahead, column)
 
 
-@njit(fastmath=FASTMATH, cache=True)
+@njit(nogil=True, fastmath=FASTMATH, cache=True)
 def _dot(a, b):
     """a, b: [n] -> sum of a * b, accumulated in their dtype."""
     acc = np.float32(0)
@@ -117,7 +120,7 @@ def _dot(a, b):
     return acc
 
 
-@njit(fastmath=FASTMATH, cache=True)
+@njit(nogil=True, fastmath=FASTMATH, cache=True)
 def _dot2(a, b0, b1):
     """a, b0, b1: [n] -> (sum of a * b0, sum of a * b1): one pass over a feeds both."""
     acc0 = acc1 = np.float32(0)
@@ -127,7 +130,7 @@ def _dot2(a, b0, b1):
     return acc0, acc1
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
+@njit(nogil=True, parallel=True, fastmath=FASTMATH, cache=True)
 def matvec(x, w, out):
     """out = x @ w.T for few rows. x: [tokens, in], w: [out, in] -> out: [tokens, out].
     The threads split the weight rows, two at a time; each row is read from memory once, and
@@ -146,7 +149,7 @@ def matvec(x, w, out):
                 out[t, o] = _dot(x[t], w[o])
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
+@njit(nogil=True, parallel=True, fastmath=FASTMATH, cache=True)
 def matvec_f16(x, w_bits, out):
     """matvec with float16 weights, passed as their bits w_bits: [out, in] uint16 and
     widened as they are read: half the bytes of float32 for the same products. Two rows half
@@ -167,7 +170,7 @@ def matvec_f16(x, w_bits, out):
             out[t, p] = acc_p
 
 
-@njit(parallel=True, cache=True)
+@njit(nogil=True, parallel=True, cache=True)
 def matvec_q8(x, values, scales, out):
     """matvec with int8 blocks, float32: values [out, in] int8, scales [out, in // BLOCK]
     float32. 1.125 bytes are read per weight instead of 4. Each weight, value * its block's
@@ -210,7 +213,7 @@ def matvec_q8(x, values, scales, out):
 
 
 # ---- prefill: many token rows, compute-bound -----------------------------------------------
-@njit(fastmath=FASTMATH, cache=True)
+@njit(nogil=True, fastmath=FASTMATH, cache=True)
 def _tile(x_t, t, w, r, out, o, tokens, ahead):
     """out[t : t+32, o : o+8] = x[t : t+32] @ w[r : r+8].T, from x_t: [in, padded tokens], the
     token rows transposed (one block of `_token_columns`), so that x_t[i, t : t+16] is one
@@ -258,7 +261,7 @@ def _tile(x_t, t, w, r, out, o, tokens, ahead):
         simd.store_column(out, t + simd.LANES, o + k, acc, second)
 
 
-@njit(parallel=True, cache=True)
+@njit(nogil=True, parallel=True, cache=True)
 def _token_columns(x):
     """x: [tokens, in] -> x_t: [blocks, in, width], x transposed one block of TOKEN_BLOCK token
     rows at a time (width: TOKEN_BLOCK, or the tokens rounded up to 32 when there are fewer),
@@ -282,7 +285,7 @@ def _token_columns(x):
     return x_t
 
 
-@njit(fastmath=FASTMATH, cache=True)
+@njit(nogil=True, fastmath=FASTMATH, cache=True)
 def _panel_product(x, x_t, panel, out, o_start, block):
     """out[block's rows, o_start : o_start + rows] = x[block's rows] @ panel.T, for token block
     `block` (rows block * width ...). x: [tokens, in], x_t: the same rows as `_token_columns`
@@ -303,7 +306,7 @@ def _panel_product(x, x_t, panel, out, o_start, block):
             out[t, o_start + r] = _dot(x[t], panel[r])
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
+@njit(nogil=True, parallel=True, fastmath=FASTMATH, cache=True)
 def gemm(x, w, out):
     """out = x @ w.T for many rows, float32. x: [tokens, in], w: [out, in] -> out: [tokens, out].
 
@@ -323,7 +326,7 @@ def gemm(x, w, out):
             _panel_product(x, x_t, w[start : start + PANEL], out, start, block)
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
+@njit(nogil=True, parallel=True, fastmath=FASTMATH, cache=True)
 def gemm_f16(x, w_bits, out):
     """gemm with float16 weights (bits [out, in] uint16): each panel is widened to float32
     into a buffer of its own, then multiplied by every token row of the block (once per
@@ -340,7 +343,7 @@ def gemm_f16(x, w_bits, out):
             _panel_product(x, x_t, panel, out, start, block)
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
+@njit(nogil=True, parallel=True, fastmath=FASTMATH, cache=True)
 def gemm_q8(x, values, scales, out):
     """gemm with int8 blocks: each panel is rebuilt in float32 (value * its block's scale,
     the very products of `dequantize`) into a buffer of its own, then multiplied by every
@@ -359,7 +362,7 @@ def gemm_q8(x, values, scales, out):
 
 
 # ---- the other ops -----------------------------------------------------------------------------
-@njit(cache=True, boundscheck=True)
+@njit(nogil=True, cache=True, boundscheck=True)
 def embedding(token_ids, table, out):
     """out[t] = table[token_ids[t]]. token_ids: [tokens] int64, table: [vocab, dim].
     Bounds are checked: an id outside the vocabulary raises IndexError, as in NumPy (an
@@ -368,7 +371,7 @@ def embedding(token_ids, table, out):
         out[t] = table[token_ids[t]]
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
+@njit(nogil=True, parallel=True, fastmath=FASTMATH, cache=True)
 def rms_norm(x, weight, eps, out):
     """x: [rows, dim], weight: [dim] -> out: [rows, dim]. One pass adds up the squares
     (float32 or wider), one scales: x / sqrt(mean(x * x) + eps) * weight."""
@@ -381,7 +384,7 @@ def rms_norm(x, weight, eps, out):
             out[r, i] = x[r, i] * inv_rms * weight[i]
 
 
-@njit(parallel=True, cache=True)
+@njit(nogil=True, parallel=True, cache=True)
 def rotary(x, cos, sin, out):
     """x: [tokens, heads, head_dim], cos, sin: [tokens, head_dim // 2] -> out, same shape as
     x. Hugging Face pairing: dimension i turns with i + head_dim / 2 by its token's angle."""
@@ -394,7 +397,7 @@ def rotary(x, cos, sin, out):
                 out[t, h, i + half] = x2 * cos[t, i] + x1 * sin[t, i]
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
+@njit(nogil=True, parallel=True, fastmath=FASTMATH, cache=True)
 def paged_attention(q, key_pool, value_pool, block_tables, row_sequence, row_position, out):
     """Causal grouped-query attention for every new token of a batch of sequences in one call,
     reading the keys and values in place.
@@ -459,7 +462,7 @@ def _float_from_bits(typingctx, bits):
     return types.float32(bits), codegen
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def _exp(x):
     """e**x for float32 x, within ~2 ulps, in plain arithmetic, so that LLVM vectorises a loop
     that calls it (libm's expf is a function call, one number at a time; Numba has no vector
@@ -483,7 +486,7 @@ _EXP_P0, _EXP_P1, _EXP_P2 = np.float32(1.9875691500e-4), np.float32(1.3981999507
 _EXP_P3, _EXP_P4, _EXP_P5 = np.float32(4.1665795894e-2), np.float32(1.6666665459e-1), np.float32(5.0000001201e-1)
 
 
-@njit(parallel=True, cache=True)
+@njit(nogil=True, parallel=True, cache=True)
 def silu_mul(gate, up, out):
     """gate, up, out: [n] flat float32. silu(g) * u = g / (1 + exp(-g)) * u. With `_exp` the
     loop runs 16 numbers at a time: 128 x 2048 of them (a 110M-shape prefill layer) took
@@ -493,7 +496,7 @@ def silu_mul(gate, up, out):
         out[i] = gate[i] / (_ONE + _exp(-gate[i])) * up[i]
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
+@njit(nogil=True, parallel=True, fastmath=FASTMATH, cache=True)
 def softmax(x, out):
     """x: [rows, n] -> out: [rows, n], each row exp(x - max) / sum, so exp cannot overflow."""
     for r in prange(x.shape[0]):

@@ -38,7 +38,7 @@ from . import numba_kernels as kernels
 # layer mixed old and new kernel code and gave NaN (seen once, int8 prefill). This line ties
 # the cache to numba_kernels.py's content (which ties in simd.py's): tests/test_numba_layer.py
 # checks it and says the new value when numba_kernels.py changes.
-KERNELS_SOURCE = "d720e413879db3f9"  # the start of numba_kernels.py's sha256
+KERNELS_SOURCE = "c204f9f97589b605"  # the start of numba_kernels.py's sha256
 
 
 class CompiledTransformer(Transformer):
@@ -138,7 +138,7 @@ def has_block_scales(w: Q8Weight) -> bool:
 
 
 # ---- the layer, compiled -------------------------------------------------------------------------
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def attention_block(x, cos, sin, weights, key_pool, value_pool, slots, eps, head_dim):
     """The attention half of Transformer.layer for float32 x: [tokens, hidden] -> o_proj's
     output [tokens, hidden] (what the residual stream adds; under tensor parallelism, this
@@ -166,7 +166,7 @@ def attention_block(x, cos, sin, weights, key_pool, value_pool, slots, eps, head
     return _linear(attended.reshape(tokens, -1), wo, None)
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def mlp_block(x, weights, eps):
     """The MLP half of Transformer.layer: x: [tokens, hidden] -> down_proj's output [tokens,
     hidden] of the SwiGLU MLP on the RMSNorm of x."""
@@ -178,7 +178,7 @@ def mlp_block(x, weights, eps):
     return _linear(activated, w_down, None)
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def _rms_norm(x, weight, eps):
     """x: [rows, dim] -> [rows, dim], as NumbaBackend.rms_norm."""
     out = np.empty_like(x)
