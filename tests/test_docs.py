@@ -45,8 +45,8 @@ def test_the_site_builds_in_strict_mode(site):
     assert "tinyinfer" in page(site, "")
 
 
-@pytest.mark.parametrize("path", ["install", "quickstart", "ways-in", "architecture", "engine", "parallelism",
-                                  "benchmarks", "glossary", "reference/ops", "course"])
+@pytest.mark.parametrize("path", ["install", "quickstart", "ways-in", "architecture", "engine", "serving",
+                                  "parallelism", "benchmarks", "glossary", "reference/ops", "course"])
 def test_the_site_has_the_page(site, path):
     page(site, path)
 

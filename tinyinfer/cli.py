@@ -1,4 +1,4 @@
-"""The `tinyinfer` command: generate, chat, batch, info, bench, eval, plan.
+"""The `tinyinfer` command: generate, chat, batch, serve, info, bench, eval, plan.
 
 Every option is checked by its argparse type before anything loads. A user's mistake, or an
 optional dependency that is not installed, is one line on stderr and exit status 2, never a
@@ -6,6 +6,7 @@ traceback (main); a reader that goes away (`| head -1`) ends the command quietly
 
 import argparse
 import dataclasses
+import ipaddress
 import math
 import os
 import sys
@@ -35,7 +36,7 @@ from tinyinfer.roofline import ROOFLINES, this_machine
 from tinyinfer.parallel.router import ROUTING
 from tinyinfer.parallel.timeline import draw_prefill_timeline
 from tinyinfer.plotting import pyplot
-from tinyinfer.threads import check_threads
+from tinyinfer.threads import available_cores, check_threads
 from tinyinfer.quantize import WEIGHT_FORMATS, store_weights
 
 
@@ -51,7 +52,7 @@ def backends_help() -> str:
     return "; ".join(f"{name}: {BACKEND_HELP[name]}" for name in BACKENDS)
 
 
-def add_model_arguments(parser: argparse.ArgumentParser):
+def add_model_arguments(parser: argparse.ArgumentParser, threads: bool = True):
     parser.add_argument("--model", help="a Hugging Face model directory or a llama2.c .bin (default: the bundled model, bard)")
     parser.add_argument("--tokenizer", help="tokenizer.json or llama2.c tokenizer.bin (if the model has none)")
     parser.add_argument("--backend", default="numpy", choices=list(BACKENDS),
@@ -59,7 +60,8 @@ def add_model_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--dtype", default="float32", choices=list(COMPUTE_DTYPES), help="compute dtype")
     parser.add_argument("--weights", choices=WEIGHT_FORMATS,
                         help="store the matrices as float32, float16 or int8 (Q8_0) (default: the compute dtype)")
-    add_threads_argument(parser)
+    if threads:
+        add_threads_argument(parser)
 
 
 def add_threads_argument(parser: argparse.ArgumentParser):
@@ -154,6 +156,13 @@ def list_of(item, example: str):
 
 parse_layer_counts = list_of(positive_int, "6,6")
 batch_sizes = list_of(positive_int, "1,4,16")
+
+
+def port_number(text: str) -> int:
+    port = int_at_least(0)(text)
+    if port > 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port from 0 to 65535, got {text!r}")
+    return port
 
 
 def parse_ids(text: str) -> list[int]:
@@ -463,6 +472,53 @@ def cmd_batch(args):
     return 1 if report["errors"] else 0
 
 
+def cmd_serve(args):
+    """An OpenAI-compatible HTTP server (tinyinfer/server/) until Ctrl-C."""
+    api_key = args.api_key if args.api_key is not None else os.environ.get("TINYINFER_API_KEY") or None
+    check_bind_address(args.host, api_key, args.insecure)
+    if args.threads is None:
+        args.threads = max(1, available_cores() - 1)
+    try:  # imported here: the other commands do not need the serve extra
+        import uvicorn
+
+        from tinyinfer.server import create_app
+    except ImportError as e:
+        raise ImportError(f"tinyinfer serve needs FastAPI, uvicorn and prometheus-client ({e.name} is not installed): "
+                          'pip install "tinyinfer[serve]"') from None
+    llm = load_model(args)
+    try:
+        llm.engine = llm.new_engine(EngineConfig(max_num_seqs=args.max_num_seqs))
+        app = create_app(llm, model_name=args.served_model_name, api_key=api_key, max_waiting=args.max_waiting,
+                         chunk_interval=args.chunk_interval)
+        url = f"http://{f'[{args.host}]' if ':' in args.host else args.host}:{args.port}"
+        key = "an API key (Authorization: Bearer KEY)" if api_key else "no API key"
+        print(f"tinyinfer serve: {app.state.served.name} at {url}/v1 (OpenAI API, {key}), chat page at {url}/, "
+              "Ctrl-C stops", flush=True)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    finally:
+        llm.close()
+
+
+def check_bind_address(host: str, api_key: str | None, insecure: bool):
+    """Only this machine may reach a server without a key: binding any other address (0.0.0.0,
+    a LAN address, a host name) needs an API key, or --insecure to say it is meant."""
+    if is_loopback(host) or api_key or insecure:
+        return
+    raise ValueError(f"--host {host} lets other machines reach the server, and it has no API key: give one "
+                     "(--api-key KEY, or the TINYINFER_API_KEY environment variable), or pass --insecure to serve "
+                     "without one")
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.1, ::1 or localhost; a host name may resolve to anything, so it is not."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def cmd_plan(args):
     """Each device's weights and KV bytes, the bytes on each link, and a step's modelled time."""
     config = load_config(args.model) if args.model else load_config(default_model_path())
@@ -557,6 +613,34 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--out", required=True, help="JSONL results, in input order; lines already there are skipped")
     batch.add_argument("--max-num-seqs", type=positive_int, default=16, help="requests served together at most")
     batch.set_defaults(run=cmd_batch)
+
+    serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server, with a chat page at / "
+                                              '(needs pip install "tinyinfer[serve]")')
+    add_model_arguments(serve, threads=False)
+    serve.add_argument("--threads", type=parse_threads,
+                       help="CPU threads for the kernels, or auto (the cores other programs leave free); default: "
+                            "every core but one, left to the HTTP side (the server's event loop, and clients on this "
+                            "machine): a kernel's threads all wait for the one that shares its core")
+    add_parallel_arguments(serve)
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="the address to listen on; anything but loopback needs --api-key or --insecure")
+    serve.add_argument("--port", type=port_number, default=8000, help="the TCP port")
+    serve.add_argument("--api-key", type=non_empty,
+                       help="the key /v1/... requires as `Authorization: Bearer KEY` (default: the TINYINFER_API_KEY "
+                            "environment variable; none: no key)")
+    serve.add_argument("--insecure", action="store_true",
+                       help="allow a --host other than loopback without an API key")
+    serve.add_argument("--served-model-name", type=non_empty,
+                       help="the name clients pass as model (default: the model's, e.g. bard)")
+    serve.add_argument("--max-num-seqs", type=positive_int, default=16, help="requests in one forward pass at most")
+    serve.add_argument("--max-waiting", type=positive_int, default=256,
+                       help="requests waiting for their first token at most; past it, 503 with Retry-After")
+    serve.add_argument("--chunk-interval", type=number_where(lambda v: 0 <= v < 10, "seconds from 0 to 10"),
+                       default=0.02, help="how often, in seconds, the tokens held back go out, each stream's as one "
+                                          "chunk (the first text and the last token at once); 0 sends each alone")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                       help="uvicorn's log level (info logs each request)")
+    serve.set_defaults(run=cmd_serve)
 
     plan = commands.add_parser("plan", help="what each device of a tp x pp layout holds and sends, and a step's "
                                             "modelled time (from the config alone)")
