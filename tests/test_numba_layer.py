@@ -114,3 +114,21 @@ def test_float64_runs_the_model_op_by_op(tiny_model_dir, compiled_calls):
     reference = tinyinfer.load(tiny_model_dir, dtype="float64")
     np.testing.assert_allclose(llm.logits([1, 2, 3]), reference.logits([1, 2, 3]), rtol=1e-10, atol=1e-12)
     assert compiled_calls == []
+
+
+def test_enforce_eager_runs_the_model_op_by_op_with_the_same_tokens():
+    """load(enforce_eager=True) skips the backend's compiled form: the plain Transformer."""
+    compiled = tinyinfer.load(backend="numba")
+    eager = tinyinfer.load(backend="numba", enforce_eager=True)
+    assert isinstance(compiled.model, numba_layer.CompiledTransformer)
+    assert type(eager.model) is Transformer
+    greedy = tinyinfer.SamplingParams(temperature=0, max_tokens=12)
+    assert eager.generate("ROMEO.", greedy).token_ids == compiled.generate("ROMEO.", greedy).token_ids
+
+
+def test_enforce_eager_reaches_the_parallel_devices():
+    llm = tinyinfer.load(backend="numba", tp=2, enforce_eager=True)
+    try:
+        assert type(llm.model.worker.model) is Transformer  # the driver's own device
+    finally:
+        llm.close()

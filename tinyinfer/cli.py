@@ -16,8 +16,8 @@ from pathlib import Path
 
 import tinyinfer
 from tinyinfer.batch_file import run_batch_file
-from tinyinfer.bench import (CACHE_FOOTNOTE, RANDOM_SHAPES, bound_cells, plot_batch_bench, plot_bench, random_model,
-                             run_batch_bench, run_bench)
+from tinyinfer.bench import (CACHE_FOOTNOTE, GPU_BACKENDS, RANDOM_SHAPES, bound_cells, bound_source_cells,
+                             graphs_cell, plot_batch_bench, plot_bench, random_model, run_batch_bench, run_bench)
 from tinyinfer.chat import ChatSession
 from tinyinfer.engine import EngineConfig
 from tinyinfer.errors import CheckpointError, ContextLengthError, KVCacheTooSmallError, TokenizerMissingError
@@ -62,6 +62,13 @@ def add_model_arguments(parser: argparse.ArgumentParser, threads: bool = True):
                         help="store the matrices as float32, float16 or int8 (Q8_0) (default: the compute dtype)")
     if threads:
         add_threads_argument(parser)
+    add_enforce_eager_argument(parser)
+
+
+def add_enforce_eager_argument(parser: argparse.ArgumentParser):
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="run the model op by op, without the backend's compiled form (numba: compiled layers; "
+                             "cupy: CUDA graphs of decode steps): the same numbers, to compare or debug")
 
 
 def add_threads_argument(parser: argparse.ArgumentParser):
@@ -184,10 +191,10 @@ def non_empty(text: str) -> str:
 
 
 def parallel_options(args) -> dict:
-    """The tinyinfer.load keywords of the parallel arguments."""
+    """The tinyinfer.load keywords of the parallel arguments and of what each device runs."""
     return {"tp": args.tp, "pp": args.pp, "dp": getattr(args, "dp", 1), "pp_layers": args.pp_layers,
             "micro_batches": args.micro_batches, "link": args.link, "routing": getattr(args, "routing", "round_robin"),
-            "timeout": args.timeout, "threads": args.threads}
+            "timeout": args.timeout, "threads": args.threads, "enforce_eager": args.enforce_eager}
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, temperature: float):
@@ -346,25 +353,32 @@ def cmd_info(args):
 
 
 def bench_models(args):
-    """(name, LLM) for every backend and weight format the bench was asked for."""
+    """(name, LLM) for every backend and weight format the bench was asked for. A random model's
+    weights are made once for them all (a 1 B model's take seconds)."""
     dtype = COMPUTE_DTYPES[args.dtype]
     options = ParallelOptions(**parallel_options(args))
+    config, weights = random_model(args.random, dtype) if args.random else (None, None)
     for weight_format in args.weights:
         for backend in args.backend:
             if args.random:
-                config, weights = random_model(args.random, dtype)
                 if options.wanted():
                     llm = LLM.on_parallel_group(InMemorySource(config, weights), options, backend, dtype, weight_format,
                                                 Path(args.random))
                 else:
                     llm = LLM(config, store_weights(weights, weight_format), None, get_backend(backend), dtype,
-                              Path(args.random), args.threads)
+                              Path(args.random), args.threads, args.enforce_eager)
                 yield f"random {args.random}" + parallel_label(llm), weight_format, llm
             else:
                 llm = tinyinfer.load(args.model, backend=backend, dtype=args.dtype, weights=weight_format,
                                      **parallel_options(args))
                 yield llm.name + parallel_label(llm), weight_format, llm
             llm.close()
+
+
+def on_a_gpu(args) -> bool:
+    """Whether a bench table has GPU rows, and so the columns that say whose memory bounds each
+    row and whether it ran as CUDA graphs (a CPU-only table stays as it always was)."""
+    return any(backend in GPU_BACKENDS for backend in args.backend)
 
 
 def parallel_label(llm) -> str:
@@ -380,26 +394,37 @@ def parallel_label(llm) -> str:
 def cmd_bench_batch(args):
     """Output throughput and per-token latency for each batch size, served by the engine."""
     rows = []
+    gpu = on_a_gpu(args)
     for index, (name, weight_format, llm) in enumerate(bench_models(args)):
         if index == 0:  # once a model is loaded: under mpiexec only rank 0 gets here
-            print("| model | backend | weights | batch | output tok/s | median time/token | median first token | "
-                  "x batch 1 |")
-            print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
+            print("| model | backend | weights | " + ("CUDA graphs | " if gpu else "") + "batch | output tok/s | "
+                  "median time/token | median first token | x batch 1 |")
+            print("| --- | --- | --- | " + ("--- | " if gpu else "") + "---: | ---: | ---: | ---: | ---: |")
         first = None
         for size in args.batch:
             r = run_batch_bench(llm, size, args.prompt_tokens, args.new_tokens)
             first = first or r["output_tokens_per_s"]
-            print(f"| {name} | {llm.ops.name} | {weight_format} | {size} | {r['output_tokens_per_s']:.1f} | "
+            graphs = f"{graphs_cell(r, llm.ops.name)} | " if gpu else ""
+            print(f"| {name} | {llm.ops.name} | {weight_format} | {graphs}{size} | {r['output_tokens_per_s']:.1f} | "
                   f"{r['median_time_per_output_token_ms']:.1f} ms | {r['median_time_to_first_token_ms']:.0f} ms | "
                   f"{r['output_tokens_per_s'] / first:.2f} |", flush=True)
-            rows.append(r | {"label": f"{name}, {llm.ops.name}, {weight_format}"})
+            rows.append(r | {"label": row_label(name, llm, weight_format, r)})
     if args.plot:
         plot_batch_bench(rows, args.plot)
         print(f"plot: {args.plot}")
 
 
+def row_label(name: str, llm, weight_format: str, result: dict) -> str:
+    """A row's label in the plots: model, backend and weights, and on a GPU whether it ran as
+    CUDA graphs or eagerly."""
+    how = (", CUDA graphs" if result["cuda_graphs"] else ", eager") if llm.ops.name in GPU_BACKENDS else ""
+    return f"{name}, {llm.ops.name}{how}, {weight_format}"
+
+
 def cmd_bench(args):
-    """One table row per (backend, weight format), all measured in this one run."""
+    """One table row per (backend, weight format), all measured in this one run. With a GPU
+    backend in the table, two more columns: whose memory bandwidth bounds each row (the CPU's
+    read bandwidth, or the GPU's copy bandwidth) and whether a GPU row ran as CUDA graphs."""
     check_bench_arguments(args)
     if under_mpiexec() and (len(args.backend) > 1 or len(args.weights) > 1):
         if launched_rank() != 0:
@@ -409,18 +434,21 @@ def cmd_bench(args):
     if args.batch:
         return cmd_bench_batch(args)
     rows = []
+    gpu = on_a_gpu(args)
     for index, (name, weight_format, llm) in enumerate(bench_models(args)):
         if index == 0:  # once a model is loaded: under mpiexec only rank 0 gets here
+            bandwidth = "bandwidth | bound from | CUDA graphs" if gpu else "read bandwidth"
             print(f"| model | backend | weights | pp{args.prompt_tokens} tok/s | tg{args.new_tokens} tok/s | "
-                  "weights read/token | read bandwidth | decode bound tok/s | tg / bound |")
-            print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+                  f"weights read/token | {bandwidth} | decode bound tok/s | tg / bound |")
+            print("| --- | --- | --- | ---: | ---: | ---: | ---: | " + ("--- | --- | " if gpu else "") + "---: | ---: |")
         r = run_bench(llm, args.prompt_tokens, args.new_tokens, args.repetitions)
-        rows.append(r | {"label": f"{name}, {llm.ops.name}, {weight_format}"})
+        rows.append(r | {"label": row_label(name, llm, weight_format, r)})
         bound, fraction = bound_cells(r)
+        source = " | ".join(bound_source_cells(r, llm.ops.name)) + " | " if gpu else ""
         print(
             f"| {name} | {llm.ops.name} | {weight_format} | {r['prefill_tokens_per_s']:.1f} | "
             f"{r['decode_tokens_per_s']:.1f} | {r['weight_mb_per_token']:.1f} MB | "
-            f"{r['bandwidth_gb_per_s']:.1f} GB/s | {bound} | {fraction} |",
+            f"{r['bandwidth_gb_per_s']:.1f} GB/s | {source}{bound} | {fraction} |",
             flush=True,
         )
         if args.timeline:
@@ -587,6 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"one or more, comma-separated. {backends_help()}")
     bench.add_argument("--dtype", default="float32", choices=list(COMPUTE_DTYPES), help="compute dtype")
     add_threads_argument(bench)
+    add_enforce_eager_argument(bench)
     bench.add_argument("--weights", type=list_of(one_of(WEIGHT_FORMATS), "float32,int8"), default="float32",
                        help=f"one or more of {', '.join(WEIGHT_FORMATS)}, comma-separated")
     bench.add_argument("-p", "--prompt-tokens", type=positive_int, default=128, help="prompt tokens of each prefill")

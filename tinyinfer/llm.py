@@ -31,7 +31,8 @@ COMPUTE_DTYPES = {"float32": np.float32, "float64": np.float64, "float16": np.fl
 
 
 def load(path=None, backend: str = "numpy", dtype: str = "float32", tokenizer=None, weights: str | None = None,
-         threads: int | str = "auto", tp: int = 1, pp: int = 1, dp: int = 1, **parallel) -> "LLM":
+         threads: int | str = "auto", enforce_eager: bool = False, tp: int = 1, pp: int = 1, dp: int = 1,
+         **parallel) -> "LLM":
     """Load a model for inference.
 
     path: a Hugging Face model directory (config.json, safetensors, tokenizer.json) or a
@@ -44,7 +45,10 @@ def load(path=None, backend: str = "numpy", dtype: str = "float32", tokenizer=No
     None keeps them in the compute dtype. Smaller weights make decode faster (it reads every
     weight per token) at a small cost in accuracy. threads: how many CPU threads the kernels
     use, or "auto": the cores other programs leave free, looked at before each forward pass
-    (tinyinfer/threads.py; many threads on a busy machine wait for each other).
+    (tinyinfer/threads.py; many threads on a busy machine wait for each other). enforce_eager:
+    run the model op by op as tinyinfer/model/transformer.py writes it, without the backend's
+    compiled form (the Numba backend's compiled layers, the CuPy backend's CUDA graphs of
+    decode steps): the same numbers, to compare or to debug (vLLM's name for the switch).
 
     tp, pp, dp: run on tp x pp x dp devices (tensor parallel, pipeline stages, data-parallel
     replicas; tinyinfer/parallel/). Simulated devices in this process by default; one process
@@ -56,7 +60,7 @@ def load(path=None, backend: str = "numpy", dtype: str = "float32", tokenizer=No
         hint = " (NumPy has no bfloat16; bf16 checkpoints are widened exactly to float32)" if dtype == "bfloat16" else ""
         raise ValueError(f"dtype {dtype!r} is not supported; choose one of {', '.join(COMPUTE_DTYPES)}{hint}")
     path = default_model_path() if path is None else path
-    options = ParallelOptions(tp=tp, pp=pp, dp=dp, threads=threads, **parallel)
+    options = ParallelOptions(tp=tp, pp=pp, dp=dp, threads=threads, enforce_eager=enforce_eager, **parallel)
     if options.wanted():
         source = CheckpointSource(path, COMPUTE_DTYPES[dtype], tokenizer)
         return LLM.on_parallel_group(source, options, backend, COMPUTE_DTYPES[dtype], weights, Path(path))
@@ -65,7 +69,7 @@ def load(path=None, backend: str = "numpy", dtype: str = "float32", tokenizer=No
     ops = get_backend(backend)
     if weights is not None:
         model_weights = store_weights(model_weights, weights)
-    return LLM(config, model_weights, tokenizer, ops, COMPUTE_DTYPES[dtype], Path(path), threads)
+    return LLM(config, model_weights, tokenizer, ops, COMPUTE_DTYPES[dtype], Path(path), threads, enforce_eager)
 
 
 def check_load_arguments(path, backend, dtype, tokenizer, weights):
@@ -119,10 +123,13 @@ def prompt_list(prompts) -> tuple[list, bool]:
 
 
 class LLM:
-    def __init__(self, config: ModelConfig, weights, tokenizer, ops, dtype, path: Path, threads: int | str = "auto"):
+    def __init__(self, config: ModelConfig, weights, tokenizer, ops, dtype, path: Path, threads: int | str = "auto",
+                 enforce_eager: bool = False):
         ops.set_threads(threads)
         device_weights = ops.load_weights(weights)  # onto the backend's device
-        model = ops.compile_model(Transformer(config, device_weights, ops, dtype))
+        model = Transformer(config, device_weights, ops, dtype)
+        if not enforce_eager:
+            model = ops.compile_model(model)
         self._attach(config, model, tokenizer, ops, dtype, path)
 
     @classmethod

@@ -15,6 +15,8 @@
 // A head's dimensions are spread over the 32 lanes of a warp, lane taking dimensions lane,
 // lane + 32, ...; so each lane keeps MAX_HEAD_DIM / 32 accumulators in registers, and a loop over
 // them with `d < head_dim` serves any head_dim up to MAX_HEAD_DIM.
+//
+// kv_write stores a step's new keys and values into the pools, in the same layout.
 #include "common.cuh"
 
 #define MAX_HEAD_DIM 256
@@ -93,6 +95,56 @@ __device__ void attention_decode(const T* q, const T* key_pool, const T* value_p
         for (int w = 0; w < warps; ++w) o += warp_acc[w * head_dim + d] * expf(warp_m[w] - m_all);
         out[(size_t)h * head_dim + d] = from_float<T>(o / l_all);
     }
+}
+
+// ---- decode for a batch: one query token per sequence, lengths read on the device ---------------------
+// Grid: (num_heads, num_seqs); block as attention_decode's, which does the work: block (h, s) is
+// query head h of sequence s, with sequence s's query row, block table row and length. Everything
+// that changes from one decode step to the next (the lengths, the tables) is read from device
+// memory, and the launch does not depend on it: a CUDA graph captured once replays it every step,
+// and one launch serves the whole batch. Both kernels call the same attention_decode, so a
+// sequence gets the same numbers from either, bit for bit.
+// A length of 0 gives zeros (a row with nothing to attend to). The host cannot check the
+// lengths against the tables without waiting for the GPU, so a length past its table's
+// max_blocks * block_size positions is cut to them: never a read outside the table.
+template <typename T>
+__device__ void attention_decode_batch(const T* q, const T* key_pool, const T* value_pool,
+                                       const long long* block_tables, const long long* context_lens, T* out,
+                                       int num_heads, int num_kv_heads, int head_dim, int block_size, int max_blocks,
+                                       float scale) {
+    const int s = blockIdx.y;
+    const long long capacity = (long long)max_blocks * block_size, length = context_lens[s];
+    const int context = (int)(length < capacity ? length : capacity);
+    const size_t at = (size_t)s * num_heads * head_dim;  // sequence s's row of q and out
+    if (context <= 0) {  // the whole block: every thread read the same length
+        for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+            out[at + (size_t)blockIdx.x * head_dim + d] = from_float<T>(0.0f);
+        }
+        return;
+    }
+    const KVLayout kv = {block_tables + (size_t)s * max_blocks, block_size, num_kv_heads, head_dim};
+    attention_decode(q + at, key_pool, value_pool, kv, out + at, num_heads, context - 1, scale);
+}
+
+// ---- storing the new tokens' keys and values --------------------------------------------------------
+// k, v: [tokens, num_kv_heads, head_dim] into the pools [num_blocks, block_size, num_kv_heads,
+// head_dim] at flat slot slots[t] = block * block_size + row: the pools as [num_slots, row_size]
+// with row_size = num_kv_heads * head_dim. One thread per element of k, writing it and the same
+// element of v (one launch for both); consecutive threads take consecutive elements of a token's
+// row, so reads and writes are coalesced. A slot < 0 is skipped: the padding rows of a batch
+// captured as a CUDA graph for more tokens than it has. A slot >= num_slots is skipped too: the
+// host cannot check the slots without waiting for the GPU, and a write outside the pools would
+// corrupt other memory.
+template <typename T>
+__device__ void kv_write(const T* k, const T* v, T* key_pool, T* value_pool, const long long* slots, int tokens,
+                         int row_size, long long num_slots) {
+    const size_t n = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (n >= (size_t)tokens * row_size) return;  // the last block may run past the end
+    const long long slot = slots[n / row_size];
+    if (slot < 0 || slot >= num_slots) return;
+    const size_t at = (size_t)slot * row_size + n % row_size;
+    key_pool[at] = k[n];
+    value_pool[at] = v[n];
 }
 
 // ---- prefill: many query tokens ------------------------------------------------------------------
@@ -197,4 +249,34 @@ extern "C" __global__ void attention_prefill_f16(const f16* q, const f16* key_po
                                                  int start_pos, float scale) {
     const KVLayout kv = {block_table, block_size, num_kv_heads, head_dim};
     attention_prefill(q, key_pool, value_pool, kv, out, new_tokens, num_heads, start_pos, scale);
+}
+
+// q, out: [num_seqs, num_heads, head_dim]; block_tables: [num_seqs, max_blocks] int64;
+// context_lens: [num_seqs] int64 (as the tables: a captured step keeps all its inputs in one
+// int64 buffer), the keys each query attends to (its own included).
+extern "C" __global__ void attention_decode_batch_f32(const float* q, const float* key_pool, const float* value_pool,
+                                                      const long long* block_tables, const long long* context_lens,
+                                                      float* out, int num_heads, int num_kv_heads, int head_dim,
+                                                      int block_size, int max_blocks, float scale) {
+    attention_decode_batch(q, key_pool, value_pool, block_tables, context_lens, out, num_heads, num_kv_heads, head_dim,
+                           block_size, max_blocks, scale);
+}
+
+extern "C" __global__ void attention_decode_batch_f16(const f16* q, const f16* key_pool, const f16* value_pool,
+                                                      const long long* block_tables, const long long* context_lens,
+                                                      f16* out, int num_heads, int num_kv_heads, int head_dim,
+                                                      int block_size, int max_blocks, float scale) {
+    attention_decode_batch(q, key_pool, value_pool, block_tables, context_lens, out, num_heads, num_kv_heads, head_dim,
+                           block_size, max_blocks, scale);
+}
+
+// k, v: [tokens, row_size]; key_pool, value_pool: [num_slots, row_size]; slots: [tokens] int64.
+extern "C" __global__ void kv_write_f32(const float* k, const float* v, float* key_pool, float* value_pool,
+                                        const long long* slots, int tokens, int row_size, long long num_slots) {
+    kv_write(k, v, key_pool, value_pool, slots, tokens, row_size, num_slots);
+}
+
+extern "C" __global__ void kv_write_f16(const f16* k, const f16* v, f16* key_pool, f16* value_pool,
+                                        const long long* slots, int tokens, int row_size, long long num_slots) {
+    kv_write(k, v, key_pool, value_pool, slots, tokens, row_size, num_slots);
 }

@@ -8,31 +8,71 @@
 #define Q8_TILE 16   // q8_matmul's tile: 16 tokens x 16 outputs per block of 16 x 16 threads
 
 // Byte k (k = 0 at the lowest address) of a 32-bit word, as the signed int8 stored there.
-__device__ __forceinline__ float int8_at(int word, int k) { return (float)(signed char)(word >> (8 * k)); }
+__device__ __forceinline__ float int8_at(unsigned int word, int k) { return (float)(signed char)(word >> (8 * k)); }
 
-// ---- few tokens (decode): one warp per output ---------------------------------------------------
-// Grid: (ceil(out / W), tokens); block: W warps. Warp w of block (bx, t) computes y[t, o] for
-// o = bx * W + w: the dot product of weight row o with x row t. Each lane loads 4 int8 weights
-// with one 32-bit read, so a warp reads 128 consecutive bytes (4 Q8 blocks) per step, coalesced;
-// the 4 lie in one Q8 block (in is a multiple of 32) and share its scale. Decode is bound by
-// these weight reads; x is small and stays in cache.
-template <typename T>
-__device__ void q8_matvec(const T* x, const signed char* values, const float* scales, T* y, int in, int out) {
-    const int lane = threadIdx.x % 32, warps = blockDim.x / 32;
-    const int o = blockIdx.x * warps + threadIdx.x / 32, t = blockIdx.y;
-    if (o >= out) return;  // the whole warp: the last block may run past the last row
-    const T* x_row = x + (size_t)t * in;
-    const signed char* w_row = values + (size_t)o * in;  // 4-byte aligned: in is a multiple of 32
-    const float* s_row = scales + (size_t)o * (in / Q8_BLOCK);
-    float sum = 0.0f;
-    for (int i = 4 * lane; i < in; i += 4 * 32) {
-        const int word = *reinterpret_cast<const int*>(w_row + i);  // weights i .. i + 3
-        const float dot = to_float(x_row[i]) * int8_at(word, 0) + to_float(x_row[i + 1]) * int8_at(word, 1) +
-                          to_float(x_row[i + 2]) * int8_at(word, 2) + to_float(x_row[i + 3]) * int8_at(word, 3);
-        sum += dot * s_row[i / Q8_BLOCK];
+// ---- few tokens (decode, 1 .. DECODE_MAX_ROWS): one warp per output -----------------------------
+// As matvec.cu's kernels, whose comments say why (and common.cuh's matvec_work, the grid): warp
+// per output row o, each weight it loads serving a group of up to MATVEC_ROWS token rows, row t's
+// arithmetic the same whatever the number of rows. Each lane loads 16 int8 weights with one
+// 128-bit read, so a warp reads 512 consecutive bytes (16 Q8 blocks) per step, coalesced; the 16
+// lie in one Q8 block (in is a multiple of 32, and a chunk starts at a multiple of 16) and share
+// its scale: the lane sums the chunk's 16 products, then multiplies the sum by the scale once.
+// Decode is bound by these weight reads (1.125 bytes a weight); x is small and stays in cache.
+template <int ROWS, typename T>
+__device__ __forceinline__ void q8_matvec_rows(const T* __restrict__ x, const signed char* __restrict__ w_row,
+                                               const float* __restrict__ s_row, T* __restrict__ y, int in, int out) {
+    const int lane = threadIdx.x % 32, chunks = in / 16;
+    float acc[ROWS];
+    for (int r = 0; r < ROWS; ++r) acc[r] = 0.0f;
+    for (int c = lane; c < chunks; c += 32 * MATVEC_UNROLL) {
+        Bytes16 w[MATVEC_UNROLL];  // chunks c, c + 32, c + 64, ...: weights 16c .. 16c + 15, and so on
+        float scale[MATVEC_UNROLL];
+#pragma unroll
+        for (int u = 0; u < MATVEC_UNROLL; ++u) {
+            if (c + 32 * u < chunks) {
+                w[u] = *reinterpret_cast<const Bytes16*>(w_row + (size_t)(c + 32 * u) * 16);
+                scale[u] = s_row[(c + 32 * u) / 2];  // 2 chunks per Q8 block
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < MATVEC_UNROLL; ++u) {
+            if (c + 32 * u >= chunks) break;
+            float ws[16];
+            for (int k = 0; k < 16; ++k) ws[k] = int8_at(w[u].word[k / 4], k % 4);
+            for (int r = 0; r < ROWS; ++r) {
+                float xs[16];
+                load_floats<16>(x + (size_t)r * in + (size_t)(c + 32 * u) * 16, xs);
+                float dot = 0.0f;
+                for (int k = 0; k < 16; ++k) dot = fmaf(xs[k], ws[k], dot);
+                acc[r] = fmaf(dot, scale[u], acc[r]);
+            }
+        }
     }
-    sum = warp_sum(sum);
-    if (lane == 0) y[(size_t)t * out + o] = from_float<T>(sum);
+    for (int r = 0; r < ROWS; ++r) {
+        const float sum = warp_sum(acc[r]);  // every lane gets it; lane r writes it
+        if (lane == r) y[(size_t)r * out] = from_float<T>(sum);
+    }
+}
+
+template <typename T>
+__device__ void q8_matvec(const T* x, const signed char* values, const float* scales, T* y, int tokens, int in,
+                          int out) {
+    const MatvecWork work = matvec_work(tokens);
+    if (work.o >= out) return;  // the whole warp: the last block may run past the last row
+    const T* x_rows = x + (size_t)work.first * in;
+    const signed char* w_row = values + (size_t)work.o * in;  // 16-byte aligned: in is a multiple of 32
+    const float* s_row = scales + (size_t)work.o * (in / Q8_BLOCK);
+    T* y_at = y + (size_t)work.first * out + work.o;
+    switch (work.rows) {  // as a template argument, so that acc[] lives in registers
+        case 1: q8_matvec_rows<1>(x_rows, w_row, s_row, y_at, in, out); break;
+        case 2: q8_matvec_rows<2>(x_rows, w_row, s_row, y_at, in, out); break;
+        case 3: q8_matvec_rows<3>(x_rows, w_row, s_row, y_at, in, out); break;
+        case 4: q8_matvec_rows<4>(x_rows, w_row, s_row, y_at, in, out); break;
+        case 5: q8_matvec_rows<5>(x_rows, w_row, s_row, y_at, in, out); break;
+        case 6: q8_matvec_rows<6>(x_rows, w_row, s_row, y_at, in, out); break;
+        case 7: q8_matvec_rows<7>(x_rows, w_row, s_row, y_at, in, out); break;
+        default: q8_matvec_rows<MATVEC_ROWS>(x_rows, w_row, s_row, y_at, in, out); break;
+    }
 }
 
 // ---- many tokens (prefill): shared-memory tiles --------------------------------------------------
@@ -67,15 +107,16 @@ __device__ void q8_matmul(const T* x, const signed char* values, const float* sc
     if (t < tokens && o < out) y[(size_t)t * out + o] = from_float<T>(sum);
 }
 
-// x: [tokens, in]; values: [out, in] int8; scales: [out, in / 32]; y: [tokens, out]; in % 32 == 0.
+// x: [tokens, in]; values: [out, in] int8; scales: [out, in / 32]; y: [tokens, out]; in % 32 == 0;
+// x and values start at multiples of 16 bytes.
 extern "C" __global__ void q8_matvec_f32(const float* x, const signed char* values, const float* scales, float* y,
-                                         int in, int out) {
-    q8_matvec(x, values, scales, y, in, out);
+                                         int tokens, int in, int out) {
+    q8_matvec(x, values, scales, y, tokens, in, out);
 }
 
 extern "C" __global__ void q8_matvec_f16(const f16* x, const signed char* values, const float* scales, f16* y,
-                                         int in, int out) {
-    q8_matvec(x, values, scales, y, in, out);
+                                         int tokens, int in, int out) {
+    q8_matvec(x, values, scales, y, tokens, in, out);
 }
 
 extern "C" __global__ void q8_matmul_f32(const float* x, const signed char* values, const float* scales, float* y,

@@ -103,14 +103,19 @@ class Transformer:
         """x: [tokens, hidden] -> float32 host logits of each sequence's last new token (or of
         every token): the final norm and the LM head. A device holding a slice of the
         vocabulary computes its slice of the logits; the group gathers them side by side."""
-        ops, weights = self.ops, self.weights
+        ops = self.ops
         if not all_logits:
             x = x[ops.to_device(batch.last_token_rows)]
-        x = ops.rms_norm(x, weights.final_norm, self.config.rms_norm_eps)
-        logits = ops.to_numpy(ops.matmul(x, weights.lm_head))  # [rows, vocab (this device's slice)]
+        logits = ops.to_numpy(self.logits_on_device(x))
         if self.tensor_group is not None:
             logits = self.tensor_group.all_gather(logits, axis=-1)
         return logits.astype(np.float32, copy=False)
+
+    def logits_on_device(self, x):
+        """x: [rows, hidden] -> [rows, vocab (this device's slice)], left on the device: the
+        final norm and the LM head."""
+        x = self.ops.rms_norm(x, self.weights.final_norm, self.config.rms_norm_eps)
+        return self.ops.matmul(x, self.weights.lm_head)
 
     def tensor_sum(self, partial):
         """The sum over the tensor-parallel group of each device's partial result (an

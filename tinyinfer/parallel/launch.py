@@ -45,6 +45,7 @@ class ParallelOptions:
     routing: str = "round_robin"  # how the data-parallel router picks a replica: round_robin, least_tokens
     timeout: float = DEFAULT_TIMEOUT  # seconds a device waits for another inside a command
     threads: int | str = "auto"  # each device's CPU threads (tinyinfer/threads.py)
+    enforce_eager: bool = False  # each device runs its model op by op, not the backend's compiled form
 
     def __post_init__(self):
         """What can be checked without the model, checked even when only one device runs (a
@@ -63,6 +64,8 @@ class ParallelOptions:
             raise ParallelConfigError(f"routing {self.routing!r} is not supported; choose one of {', '.join(ROUTING)}")
         get_link(self.link)
         check_threads(self.threads)
+        if not isinstance(self.enforce_eager, bool):
+            raise ParallelConfigError(f"enforce_eager must be True or False, got {self.enforce_eager!r}")
 
     @property
     def layout(self) -> ParallelLayout:
@@ -233,8 +236,9 @@ def _build_device(source, options: ParallelOptions, rank: int, communicator, bac
         everyone.barrier(wait_forever=True)
     ops = get_backend(backend)
     ops.set_threads(options.threads)
-    model = ops.compile_model(Transformer(plan.local_config(), ops.load_weights(weights), ops, dtype, tensor,
-                                          plan.vocab.start))
+    model = Transformer(plan.local_config(), ops.load_weights(weights), ops, dtype, tensor, plan.vocab.start)
+    if not options.enforce_eager:
+        model = ops.compile_model(model)
     if rank == 0:
         everyone.barrier(wait_forever=True)
     worker = Worker(plan, model, replica, pipeline, tensor)
