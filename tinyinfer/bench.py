@@ -176,12 +176,12 @@ def run_bench(llm, prompt_tokens: int = 128, new_tokens: int = 128, repetitions:
     rng = np.random.default_rng(0)
     time_prefill(llm, min(prompt_tokens, 8), rng)  # warm-up: first-touch of the weights
     prefill = [prompt_tokens / time_prefill(llm, prompt_tokens, rng) for _ in range(repetitions)]
-    cache = None
+    kv_cache = None
     if cuda_graphs(llm):  # capture the decode step's graph now, on the cache every run then reuses
-        cache = llm.model.new_kv_cache(new_tokens)
-        time_decode(llm, 2, np.random.default_rng(1), cache)
-    decode = [new_tokens / time_decode(llm, new_tokens, rng, cache) for _ in range(repetitions)]
-    bandwidth, source, cache = memory_bound(llm)
+        kv_cache = llm.model.new_kv_cache(new_tokens)
+        time_decode(llm, 2, np.random.default_rng(1), kv_cache)
+    decode = [new_tokens / time_decode(llm, new_tokens, rng, kv_cache) for _ in range(repetitions)]
+    bandwidth, source, cache = memory_bound(llm)  # cache: the last-level cache, (level, bytes) or None
     bytes_per_token = decode_bytes_per_token(llm)
     bound = bandwidth / bytes_per_token
     return {
